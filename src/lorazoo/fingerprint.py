@@ -1,0 +1,62 @@
+"""A fingerprint of the base weights an adapter was made for, tolerant to float rounding."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def weight_stats(weight: torch.Tensor) -> list[float]:
+    w = weight.detach().double()
+    flat = w.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 257)][:257]
+    return [float(w.norm()), float(w.sum()), float((sample * torch.arange(1, len(sample) + 1, dtype=w.dtype)).sum())]
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Per layer: shape and three statistics of the frozen weight (out, in)."""
+    return {p: [list(w.shape), weight_stats(w)] for p, w in sorted(weights.items())}
+
+
+def short(fp: dict) -> str:
+    shapes = json.dumps({p: v[0] for p, v in fp.items()}, sort_keys=True)
+    return hashlib.sha256(shapes.encode()).hexdigest()[:12]
+
+
+def mismatches(saved: dict, current: dict, rtol: float = 1e-4) -> list[str]:
+    """Layers whose shape or statistics differ; empty when the base is the same."""
+    bad = [p for p in saved if p not in current]
+    for p, (shape, stats) in saved.items():
+        if p not in current:
+            continue
+        cshape, cstats = current[p]
+        scale = max(abs(stats[0]), 1e-12)
+        if list(shape) != list(cshape) or any(
+            not math.isclose(a, b, rel_tol=rtol, abs_tol=rtol * scale) for a, b in zip(stats, cstats)
+        ):
+            bad.append(p)
+    return bad
+
+
+def base_weights(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The pristine (out, in) base weight of each layer: current weight minus merges and shifts."""
+    from .layer import AdaptedLayer
+
+    out = {}
+    for p, m in layers.items():
+        if isinstance(m, AdaptedLayer):
+            w = m.linear_weight().detach().clone()
+            if m.merged:
+                for n in reversed(m.merged):
+                    w = m.adapters[n].form.unmerge(w)
+            for ad in m.adapters.values():
+                if ad.shift_A.shape[0]:
+                    w = w - ad.shift_B @ ad.shift_A
+            out[p] = w
+        else:
+            out[p] = m.weight if isinstance(m, nn.Linear) else m.weight.t()
+    return out

@@ -1,0 +1,1 @@
+"""Forms: how the update is computed from trainable tensors. One file per family."""

@@ -1,0 +1,191 @@
+"""AdapterHandle: what training code talks to, one per named adapter on a model."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import LorazooError
+from .layer import Adapter, AdaptedLayer
+from .spec import AdapterSpec
+
+_HANDLES = "_lorazoo_handles"
+
+
+def handles_of(model: nn.Module) -> dict[str, "AdapterHandle"]:
+    """The adapters on ``model``, by name, in the order they were added."""
+    return model.__dict__.setdefault(_HANDLES, {})
+
+
+class AdapterHandle:
+    """A named adapter on a model: training hooks, merge, enable/disable, save, delete.
+
+    Training loop contract::
+
+        opt = torch.optim.AdamW(handle.param_groups(lr))
+        loss = model(**batch).loss + handle.aux_loss()
+        loss.backward(); handle.before_step(opt); opt.step(); handle.after_step(opt, step)
+    """
+
+    def __init__(self, model: nn.Module, name: str, spec: AdapterSpec, fingerprint: dict,
+                 ranks: dict[str, int]):
+        self.model, self.name, self.spec, self.fingerprint, self.ranks = model, name, spec, fingerprint, ranks
+        parts = spec.part_classes()
+        self.optim = parts["optim"](spec)
+        self.schedule = parts["schedule"](spec)
+        handles_of(model)[name] = self
+
+    # --- structure ------------------------------------------------------------------------
+    def layers(self) -> dict[str, AdaptedLayer]:
+        """The adapted layers carrying this adapter, by path."""
+        self._check_alive()
+        return {p: m for p, m in self.model.named_modules()
+                if isinstance(m, AdaptedLayer) and self.name in m.adapters}
+
+    def adapters(self) -> dict[str, Adapter]:
+        return {p: m.adapters[self.name] for p, m in self.layers().items()}
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """Modules trained and saved in full with this adapter (``modules_to_save``)."""
+        return {n: m for n, m in self.model.named_modules()
+                if any(n == t or n.endswith("." + t) for t in self.spec.modules_to_save)}
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for path, ad in self.adapters().items():
+            for k, p in ad.named_parameters():
+                if p.requires_grad:
+                    yield f"{path}.{k}", p
+        for path, mod in self.saved_modules().items():
+            for k, p in mod.named_parameters():
+                yield f"{path}.{k}", p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # --- training hooks -------------------------------------------------------------------
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer parameter groups (LoRA+ gives B its own learning rate)."""
+        return self.optim.param_groups(self, lr, weight_decay)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Auxiliary loss to add to the task loss (AdaLoRA's orthogonality term); 0 if none."""
+        aux = self.schedule.aux_loss(self)
+        if aux is None:
+            return torch.zeros((), device=next(iter(self.trainable_parameters()), torch.zeros(())).device)
+        return aux
+
+    def before_step(self, optimizer) -> None:
+        """Gradient transforms, after backward and before ``optimizer.step()`` (LoRA-Pro)."""
+        self.optim.before_step(self, optimizer)
+
+    def after_step(self, optimizer, step: int) -> None:
+        """Step-boundary work, after ``optimizer.step()`` (AdaLoRA masking, ReLoRA merges)."""
+        self.schedule.after_step(self, optimizer, step)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier on the learning rate at ``step`` (ReLoRA's jagged schedule); 1 otherwise."""
+        return self.schedule.lr_factor(step)
+
+    # --- activation, merge ----------------------------------------------------------------
+    def activate(self, *others: str) -> None:
+        """Make this adapter (and ``others``) the active ones; only active adapters train."""
+        activate(self.model, self.name, *others)
+
+    def merge(self) -> None:
+        """Fold this adapter into the base weights (raises for forms that cannot be merged)."""
+        layers = self.layers()
+        for p, layer in layers.items():
+            if not layer.adapters[self.name].form.mergeable:
+                layer.merge(self.name)  # raises NotMergeableError with the reason, nothing merged yet
+        for layer in layers.values():
+            layer.merge(self.name)
+
+    def unmerge(self) -> None:
+        """Restore the base weights as they were before :meth:`merge` (up to float rounding)."""
+        for layer in self.layers().values():
+            layer.unmerge(self.name)
+
+    @property
+    def merged(self) -> bool:
+        return any(self.name in layer.merged for layer in self.layers().values())
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Within this block the model computes as if this adapter were not there."""
+        layers = self.layers()
+        if self.merged:
+            raise LorazooError(f"adapter {self.name!r} is merged; unmerge() it before disabling it")
+        for layer in layers.values():
+            layer.disabled.add(self.name)
+        try:
+            yield self
+        finally:
+            for layer in layers.values():
+                layer.disabled.discard(self.name)
+
+    # --- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor this adapter owns (parameters, buffers, shared banks, saved modules)."""
+        out = {}
+        for path, ad in self.adapters().items():
+            for k, v in ad.state_dict().items():
+                out[f"{path}.{k}"] = v
+        for path, mod in self.saved_modules().items():
+            for k, v in mod.state_dict().items():
+                out[f"{path}.{k}"] = v
+        return out
+
+    def save(self, path) -> None:
+        """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``."""
+        from .io import save
+
+        save(self, path)
+
+    def delete(self) -> None:
+        """Remove this adapter; the base weights are restored (merges and shifts undone)."""
+        for path, layer in self.layers().items():
+            layer.remove(self.name)
+            if not layer.adapters:
+                parent_path, _, child = path.rpartition(".")
+                parent = self.model.get_submodule(parent_path) if parent_path else self.model
+                setattr(parent, child, layer.base)
+        del handles_of(self.model)[self.name]
+        self.model = None
+
+    def _check_alive(self) -> None:
+        if self.model is None:
+            raise LorazooError(f"adapter {self.name!r} was deleted")
+
+    def __repr__(self) -> str:
+        return (f"AdapterHandle(name={self.name!r}, form={self.spec.form!r}, layers={len(self.ranks)}, "
+                f"trainable={self.num_trainable():,})")
+
+
+def activate(model: nn.Module, *names: str) -> None:
+    """Make exactly ``names`` the active adapters of ``model``, in this order of application."""
+    known = handles_of(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LorazooError(f"no adapter named {', '.join(map(repr, unknown))}; the model has {list(known)}")
+    for m in model.modules():
+        if isinstance(m, AdaptedLayer):
+            m.active = [n for n in names if n in m.adapters]
+            for n, ad in m.adapters.items():
+                for p in ad.parameters():  # a form marks a frozen parameter with _lorazoo_frozen
+                    p.requires_grad_(n in names and not getattr(p, "_lorazoo_frozen", False))
+    for n, h in known.items():
+        for mod in h.saved_modules().values():
+            mod.requires_grad_(n in names)
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from ``model``."""
+    known = handles_of(model)
+    if name not in known:
+        raise LorazooError(f"no adapter named {name!r}; the model has {list(known)}")
+    known[name].delete()

@@ -1,0 +1,150 @@
+"""The adapted layer: the frozen base layer plus named adapters, with exact merge/unmerge."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LorazooError, NotMergeableError
+from .parts import Form
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 style Conv1D: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+class Adapter(nn.Module):
+    """One named adapter on one layer: a form, its rank dropout, input dropout and base shift.
+
+    The base shift is a low-rank correction ``shift_B @ shift_A`` that inits (PiSSA's residual)
+    and schedules (ReLoRA's merges) fold into the frozen base; it is saved with the adapter so a
+    pristine base can be brought to the same state, and removed exactly on delete.
+    """
+
+    def __init__(self, form: Form, rank_dropout: float, dropout: float):
+        super().__init__()
+        self.form = form
+        self.rank_dropout = rank_dropout
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("shift_B", torch.zeros(form.out_features, 0))
+        self.register_buffer("shift_A", torch.zeros(0, form.in_features))
+
+    def rank_mask(self, device, dtype) -> torch.Tensor | None:
+        """DropLoRA (Eq. 2): one Bernoulli keep-mask over the rank per forward, rescaled by 1/(1-p)."""
+        if not (self.training and self.rank_dropout > 0):
+            return None
+        keep = 1.0 - self.rank_dropout
+        mask = torch.empty(self.form.rank, device=device, dtype=dtype).bernoulli_(keep)
+        return mask / keep
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        inp = self.dropout(y if self.form.multiplicative else x)
+        return self.form(inp, y, weight, self.rank_mask(y.device, y.dtype))
+
+    def unshift(self, x: torch.Tensor) -> torch.Tensor:
+        """-(shift_B shift_A) x: what undoes the base shift in a forward pass."""
+        return -F.linear(F.linear(x, self.shift_A), self.shift_B)
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps a linear-like base layer; runs its active, unmerged adapters in order.
+
+    Forward: y = W x; for each active adapter, y = form(x, y, W); return y + bias. Additive forms
+    add s·ΔW x, multiplicative ones (LoRMA) transform y, rescaling ones (DoRA) rescale it.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled: set[str] = set()
+
+    # the base layer's geometry, seen as a (out, in) linear map
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.weight.shape[0] if is_conv1d(self.base) else self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.nf if is_conv1d(self.base) else self.base.out_features
+
+    def linear_weight(self) -> torch.Tensor:
+        """The frozen weight as (out, in); a view, so writes go to the base."""
+        w = self.base.weight
+        return w.t() if is_conv1d(self.base) else w
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        running = [n for n in self.active if n not in self.merged and n not in self.disabled]
+        shifted = [n for n in self.disabled if self.adapters[n].shift_A.shape[0]]
+        if not running and not shifted:
+            return self.base(x, *args, **kwargs)
+        weight = self.linear_weight()
+        y = F.linear(x, weight)
+        for n in running:
+            y = self.adapters[n](x, y, weight)
+        for n in shifted:
+            y = y + self.adapters[n].unshift(x)
+        bias = self.base.bias
+        return y if bias is None else y + bias
+
+    # --- merge / unmerge: exact up to rounding, last merged first unmerged -----------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        form = self.adapters[name].form
+        if not form.mergeable:
+            raise NotMergeableError(
+                f"form '{form.part_name}' cannot be merged into the base weight (its update depends "
+                f"on the input); keep it unmerged"
+            )
+        if name in self.merged:
+            return
+        w = self.linear_weight()
+        w.copy_(form.merge(w))
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        if self.merged[-1] != name:
+            raise LorazooError(
+                f"adapter {name!r} was merged before {self.merged[-1]!r}; unmerge "
+                f"{', '.join(repr(n) for n in reversed(self.merged[self.merged.index(name) + 1:]))} first"
+            )
+        w = self.linear_weight()
+        w.copy_(self.adapters[name].form.unmerge(w))
+        self.merged.pop()
+
+    @torch.no_grad()
+    def shift_base(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        """Add B @ A to the frozen weight and record it in the adapter's base shift."""
+        ad = self.adapters[name]
+        self.linear_weight().add_(B @ A)
+        ad.shift_B = torch.cat([ad.shift_B, B.to(ad.shift_B)], dim=1)
+        ad.shift_A = torch.cat([ad.shift_A, A.to(ad.shift_A)], dim=0)
+
+    @torch.no_grad()
+    def remove(self, name: str) -> None:
+        """Unmerge and unshift adapter ``name`` and drop it; the base is as before it came."""
+        self.unmerge(name)
+        ad = self.adapters[name]
+        if ad.shift_A.shape[0]:
+            self.linear_weight().sub_(ad.shift_B @ ad.shift_A)
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+        self.disabled.discard(name)

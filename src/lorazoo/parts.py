@@ -1,0 +1,197 @@
+"""Base classes of the taxonomy's parts (form, init, optim, schedule).
+
+Each part declares the options it reads in ``options`` (name -> default). The spec accepts any
+declared option of its parts as a keyword and refuses every other one, before the model is touched.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .handle import AdapterHandle
+    from .layer import AdaptedLayer, Adapter
+
+
+def check_number(name: str, value: Any, *, minimum: float = 0.0, integer: bool = False,
+                 strict: bool = False, maximum: float | None = None) -> None:
+    """Raise SpecError unless ``value`` is a finite number in range."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        integer and not float(value).is_integer()
+    ) or not math.isfinite(value):
+        raise SpecError(f"{name} must be {kind}, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        op = ">" if strict else ">="
+        raise SpecError(f"{name} must be {op} {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise SpecError(f"{name} must be <= {maximum}, got {value!r}")
+
+
+class Part:
+    """Common metadata of a part: declared options with defaults, and validation."""
+
+    part_name: str = ""
+    options: dict[str, Any] = {}
+
+    @classmethod
+    def validate(cls, opts: dict[str, Any]) -> None:
+        """Check this part's options (numbers non-negative by default). Override to refine."""
+        for key, default in cls.options.items():
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                check_number(key, opts[key], integer=isinstance(default, int))
+
+    @classmethod
+    def check_form(cls, form_cls: type["Form"]) -> None:
+        """Raise SpecError when this part cannot work with ``form_cls``."""
+
+
+class Form(nn.Module, Part):
+    """How the update is formed from trainable tensors.
+
+    ``forward(x, y, weight, mask)`` gets the (dropped-out) layer input ``x``, the linear output so
+    far ``y`` (``W x`` without bias, plus earlier adapters), the frozen weight ``weight`` as
+    (out, in), and an optional rank mask of shape (rank,). It returns the new linear output.
+    """
+
+    mergeable: bool = True      # the update can be folded into W
+    has_rank: bool = True       # rank dropout and rank masks act on a rank dimension
+    multiplicative: bool = False  # the update acts on W0 x (LoRMA) rather than on x
+    zero_init: bool = True      # the paper starts from the base model (zero update or identity)
+    rank_bound: str = "r"       # rank of the update as a function of r, for docs and tests
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
+                 opts: dict[str, Any], ctx: "BuildContext"):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.scale = in_features, out_features, rank, scale
+
+    @classmethod
+    def max_rank(cls, in_features: int, out_features: int) -> int:
+        """Largest rank this form allows on a layer of this shape."""
+        return min(in_features, out_features)
+
+    def reset_parameters(self) -> None:
+        """The paper's default initialization."""
+        raise NotImplementedError
+
+    def use_bank(self, ctx: "BuildContext", key: str, factory) -> nn.Module:
+        """A module shared by every layer of this adapter, owned once by the model (VeRA's A, B).
+
+        It is kept out of this form's own submodules, so state_dict, optimizers and DDP see it once.
+        """
+        bank = ctx.bank(key, factory)
+        object.__setattr__(self, f"_bank_{key}", bank)
+        return bank
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Dense update ΔW (out, in) such that the adapted weight is ``weight + ΔW``."""
+        raise NotImplementedError
+
+    def merge(self, weight: torch.Tensor) -> torch.Tensor:
+        """Adapted weight W' computed from ``weight``; default W + ΔW."""
+        return weight + self.delta_weight(weight)
+
+    def unmerge(self, merged: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merge`; default W' - ΔW."""
+        return merged - self.delta_weight(merged)
+
+    def rank_masked(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Apply a rank mask to the rank-dimension activations ``h`` (last dim = rank)."""
+        return h if mask is None else h * mask
+
+    # Low-rank factors (B, A) of the plain update B·A (scale excluded), for inits that set them
+    # (PiSSA, EVA...) and schedules that merge them (ReLoRA). Forms without them return None.
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        return None
+
+    def after_factor_init(self, weight: torch.Tensor) -> None:
+        """Hook after an init part set the factors and possibly shifted the base (DoRA's magnitude)."""
+
+
+class Init(Part):
+    """How trainable tensors (and possibly the frozen base) start.
+
+    ``prepare`` runs once over all targets before adapters exist (calibration statistics, rank
+    redistribution); ``apply`` then fills one layer's adapter.
+    """
+
+    needs_calibration: bool = False
+    needs_factors: bool = True  # needs a form with plain B·A factors
+
+    @classmethod
+    def check_form(cls, form_cls):
+        if cls.needs_factors and form_cls.factors is Form.factors:
+            raise SpecError(
+                f"init '{cls.part_name}' sets plain B·A factors, which form '{form_cls.part_name}' does not "
+                f"have; use it with a factorized form such as 'lora', 'dora' or 'moslora'"
+            )
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def prepare(self, model: nn.Module, targets: dict[str, nn.Module], calibration: Iterable | None) -> None:
+        """Collect what ``apply`` needs (statistics per target). Default: nothing."""
+
+    def ranks(self) -> dict[str, int] | None:
+        """Per-target ranks, when the init redistributes them (EVA)."""
+        return None
+
+    def apply(self, path: str, adapter: "Adapter", layer: "AdaptedLayer", weight: torch.Tensor) -> None:
+        """Initialize ``adapter`` of ``layer`` (at ``path``; frozen weight ``weight`` as (out, in)).
+
+        An init that changes the frozen base does it through ``layer.shift_base(name, B, A)``.
+        """
+
+
+class Optim(Part):
+    """Parameter groups and gradient transforms applied before the optimizer step."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def param_groups(self, handle: "AdapterHandle", lr: float, weight_decay: float) -> list[dict]:
+        params = handle.trainable_parameters()
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def before_step(self, handle: "AdapterHandle", optimizer) -> None:
+        """Transform gradients in place before ``optimizer.step()``."""
+
+
+class Schedule(Part):
+    """What happens at step boundaries, and auxiliary losses."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def aux_loss(self, handle: "AdapterHandle") -> torch.Tensor | None:
+        return None
+
+    def after_step(self, handle: "AdapterHandle", optimizer, step: int) -> None:
+        """Called after ``optimizer.step()`` with the 1-based number of the step just taken."""
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier on the learning rate at ``step`` (ReLoRA's jagged schedule)."""
+        return 1.0
+
+
+class BuildContext:
+    """What a form may need beyond its own shape: banks shared by all layers of one adapter.
+
+    The banks are registered once, under the first adapted layer's adapter (``<path>.shared``),
+    so ``model.parameters()``, state_dict and DDP see each shared tensor exactly once.
+    """
+
+    def __init__(self, banks: nn.ModuleDict, adapter_name: str, max_in: int, max_out: int, seed: int):
+        self.banks, self.adapter_name, self.max_in, self.max_out, self.seed = (
+            banks, adapter_name, max_in, max_out, seed)
+
+    def bank(self, key: str, factory) -> nn.Module:
+        """The shared module ``key`` of this adapter, built once by ``factory()``."""
+        if key not in self.banks:
+            self.banks[key] = factory()
+        return self.banks[key]

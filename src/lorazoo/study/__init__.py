@@ -1,0 +1,1 @@
+"""Studies: sweeps, results store, reports, overhead benchmark."""

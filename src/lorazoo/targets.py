@@ -1,0 +1,68 @@
+"""Which layers of a model an adapter goes on."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import TargetError
+from .layer import AdaptedLayer, is_linear_like
+
+# Output heads that "all-linear" leaves alone (as PEFT does): they map to labels or the vocabulary.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head")
+
+
+def _output_head_ids(model: nn.Module) -> set[int]:
+    ids = set()
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            out = get()
+        except Exception:  # noqa: BLE001 - models without a head raise various errors
+            out = None
+        if out is not None:
+            ids.add(id(out))
+    return ids
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear-like layer (or already adapted layer), by dotted path."""
+    found = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, AdaptedLayer):
+            found[path] = mod
+        elif is_linear_like(mod) and not path.endswith(".base"):
+            found[path] = mod
+    return found
+
+
+def select_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
+    """Resolve ``targets`` (names/suffixes, a regex, or "all-linear") to layers, or raise."""
+    layers = candidate_layers(model)
+    if targets == "all-linear":
+        heads = _output_head_ids(model)
+        chosen = {p: m for p, m in layers.items()
+                  if id(m) not in heads and id(getattr(m, "base", None)) not in heads
+                  and p.split(".")[-1] not in HEAD_NAMES}
+        what = "'all-linear'"
+    elif isinstance(targets, str):
+        rx = re.compile(targets)
+        chosen = {p: m for p, m in layers.items() if rx.fullmatch(p) or p.endswith("." + targets)}
+        what = f"regex {targets!r}"
+    else:
+        chosen = {p: m for p, m in layers.items() if any(p == t or p.endswith("." + t) for t in targets)}
+        missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p in layers)]
+        if missing and chosen:
+            raise TargetError(f"target(s) {', '.join(map(repr, missing))} match no linear layer; "
+                              f"{_examples(layers)}")
+        what = f"targets {targets!r}"
+    if not chosen:
+        raise TargetError(f"{what} matched no linear layer in {type(model).__name__}; {_examples(layers)}")
+    return chosen
+
+
+def _examples(layers: dict) -> str:
+    names = sorted({p.split(".")[-1] for p in layers})
+    if not names:
+        return "the model has no nn.Linear or Conv1D layer"
+    return f"its linear layers end in: {', '.join(names[:20])}"

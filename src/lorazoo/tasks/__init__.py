@@ -1,0 +1,1 @@
+"""Real tasks that ship inside packages."""
