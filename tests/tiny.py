@@ -1,0 +1,80 @@
+"""A tiny model with the Hugging Face calling convention, and helpers shared by the tests."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorazoo
+
+
+class TinyNet(nn.Module):
+    """fc1 (12 -> 16), fc2 (16 -> 16), head (16 -> 3); model(x=..., labels=...) returns .loss."""
+
+    def __init__(self, seed: int = 0, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc1, self.fc2, self.head = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        self.to(dtype)
+
+    def forward(self, x, labels=None):
+        logits = self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def tiny_data(n: int = 64, seed: int = 1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g, dtype=dtype)
+    labels = (x[:, :3] * torch.tensor([1.0, -2.0, 0.5], dtype=dtype)).argmax(-1)
+    return x, labels
+
+
+def calibration_batches(n_batches: int = 4, batch: int = 16):
+    x, y = tiny_data(n_batches * batch, seed=7)
+    return [{"x": x[i * batch:(i + 1) * batch], "labels": y[i * batch:(i + 1) * batch]} for i in range(n_batches)]
+
+
+def train(model, handle, steps: int = 30, lr: float = 1e-2, data=None) -> list[float]:
+    """A plain loop through the handle's hooks; returns the losses."""
+    x, y = data or tiny_data()
+    opt = torch.optim.AdamW(handle.param_groups(lr))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    losses = []
+    model.train()
+    for step in range(1, steps + 1):
+        for g, lr0 in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr0 * handle.lr_factor(step)
+        loss = model(x=x, labels=y).loss
+        (loss + handle.aux_loss()).backward()
+        handle.before_step(opt)
+        opt.step()
+        opt.zero_grad()
+        handle.after_step(opt, step)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def perturb(handle, scale: float = 0.3, seed: int = 3) -> None:
+    """Move every trainable tensor off its init, so an update is not trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def adapted(form: str = "lora", rank: int = 4, calibration=None, **kw):
+    """TinyNet with an adapter of ``form`` on fc1 and fc2; returns (model, handle)."""
+    model = TinyNet()
+    spec = lorazoo.AdapterSpec(form=form, rank=rank, targets=["fc1", "fc2"], **kw)
+    return model, lorazoo.adapt(model, spec, calibration=calibration)
+
+
+def layer_input(n: int = 5, features: int = 16, seed: int = 11, dtype=torch.float64):
+    return torch.randn(n, features, generator=torch.Generator().manual_seed(seed), dtype=dtype)
