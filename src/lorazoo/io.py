@@ -144,8 +144,7 @@ def _load_state(handle: AdapterHandle, tensors: dict[str, torch.Tensor]) -> None
     for path, layer in handle.layers().items():
         B, A = tensors[f"{path}.shift_B"], tensors[f"{path}.shift_A"]
         if A.shape[0]:
-            w = layer.linear_weight()
-            layer.shift_base(handle.name, B.to(w), A.to(w))
+            layer.adapters[handle.name].shift_base(layer.linear_weight(), B, A)
     for k, v in own.items():
         if not k.endswith((".shift_A", ".shift_B")):
             v.copy_(tensors[k])

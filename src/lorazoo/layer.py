@@ -46,6 +46,13 @@ class Adapter(nn.Module):
         inp = self.dropout(y if self.form.multiplicative else x)
         return self.form(inp, y, weight, self.rank_mask(y.device, y.dtype))
 
+    @torch.no_grad()
+    def shift_base(self, weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> None:
+        """Add B @ A to the frozen ``weight`` (out, in) in place and record it in the base shift."""
+        weight.add_(B.to(weight) @ A.to(weight))
+        self.shift_B = torch.cat([self.shift_B, B.to(self.shift_B)], dim=1)
+        self.shift_A = torch.cat([self.shift_A, A.to(self.shift_A)], dim=0)
+
     def unshift(self, x: torch.Tensor) -> torch.Tensor:
         """-(shift_B shift_A) x: what undoes the base shift in a forward pass."""
         return -F.linear(F.linear(x, self.shift_A), self.shift_B)
@@ -129,14 +136,6 @@ class AdaptedLayer(nn.Module):
         w = self.linear_weight()
         w.copy_(self.adapters[name].form.unmerge(w))
         self.merged.pop()
-
-    @torch.no_grad()
-    def shift_base(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
-        """Add B @ A to the frozen weight and record it in the adapter's base shift."""
-        ad = self.adapters[name]
-        self.linear_weight().add_(B @ A)
-        ad.shift_B = torch.cat([ad.shift_B, B.to(ad.shift_B)], dim=1)
-        ad.shift_A = torch.cat([ad.shift_A, A.to(ad.shift_A)], dim=0)
 
     @torch.no_grad()
     def remove(self, name: str) -> None:

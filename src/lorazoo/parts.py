@@ -144,7 +144,8 @@ class Init(Part):
     def apply(self, path: str, adapter: "Adapter", layer: "AdaptedLayer", weight: torch.Tensor) -> None:
         """Initialize ``adapter`` of ``layer`` (at ``path``; frozen weight ``weight`` as (out, in)).
 
-        An init that changes the frozen base does it through ``layer.shift_base(name, B, A)``.
+        An init that changes the frozen base does it through ``adapter.shift_base(weight, B, A)``
+        (W0 += B·A, recorded so that save/load and delete reproduce and undo it).
         """
 
 

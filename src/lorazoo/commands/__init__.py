@@ -1,0 +1,1 @@
+"""Subcommands of the lorazoo CLI, one module each."""
