@@ -101,13 +101,17 @@ class AdaptedLayer(nn.Module):
         if not running and not shifted:
             return self.base(x, *args, **kwargs)
         weight = self.linear_weight()
-        y = F.linear(x, weight)
+        bias = self.base.bias
+        # Additive forms only add to y, so the bias can go in with the base matmul (one fused op);
+        # forms that read y (DoRA, LoRMA) need W x alone and get the bias at the end.
+        late_bias = bias is not None and any(
+            self.adapters[n].form.reads_output or self.adapters[n].form.multiplicative for n in running)
+        y = F.linear(x, weight, None if late_bias else bias)
         for n in running:
             y = self.adapters[n](x, y, weight)
         for n in shifted:
             y = y + self.adapters[n].unshift(x)
-        bias = self.base.bias
-        return y if bias is None else y + bias
+        return y + bias if late_bias else y
 
     # --- merge / unmerge: exact up to rounding, last merged first unmerged -----------------
     @torch.no_grad()

@@ -62,6 +62,8 @@ class Form(nn.Module, Part):
     mergeable: bool = True      # the update can be folded into W
     has_rank: bool = True       # rank dropout and rank masks act on a rank dimension
     multiplicative: bool = False  # the update acts on W0 x (LoRMA) rather than on x
+    reads_output: bool = False  # forward reads y itself (DoRA rescales it, LoRMA transforms it),
+    #                             so y must come without bias; additive forms only add to y
     zero_init: bool = True      # the paper starts from the base model (zero update or identity)
     rank_bound: str = "r"       # rank of the update as a function of r, for docs and tests
 

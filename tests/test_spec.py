@@ -1,0 +1,48 @@
+"""AdapterSpec: presets, options, and clear errors before anything changes."""
+import json
+
+import pytest
+
+import lorazoo
+from lorazoo import AdapterSpec, SpecError
+
+
+def test_every_tier1_preset_exists_and_describes_itself():
+    tier1 = ["lora", "droplora", "lorma_plus", "lorma_pi", "rslora", "loraplus", "dora", "pissa", "milora",
+             "lora_ga", "eva", "adalora", "relora", "vera", "loha", "lokr", "moslora", "hydralora", "lora_pro"]
+    assert set(tier1) <= set(lorazoo.variants())
+    for name in tier1:
+        d = lorazoo.describe(name)
+        assert d["family"] and d["paper"] and d["parts"]["form"]
+
+
+def test_preset_overrides_and_roundtrip():
+    spec = AdapterSpec.preset("droplora", rank=32, rank_dropout=0.3)
+    assert (spec.rank, spec.rank_dropout, spec.form) == (32, 0.3, "lora")
+    again = AdapterSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"form": "nope"}, "unknown form 'nope'"),
+    ({"init": "nope"}, "unknown init"),
+    ({"rank": 0}, "rank must be >= 1"),
+    ({"rank": 2.5}, "rank must be an integer"),
+    ({"rank": "8"}, "rank must be an integer"),
+    ({"alpha": -1}, "alpha must be > 0"),
+    ({"alpha": float("nan")}, "alpha must be a number"),
+    ({"rank_dropout": 1.0}, "rank_dropout must be <="),
+    ({"dropout": -0.1}, "dropout must be >= 0"),
+    ({"targets": []}, "targets must be a non-empty list"),
+    ({"targets": "("}, "not a valid regular expression"),
+    ({"not_an_option": 3}, "unknown option(s) not_an_option"),
+])
+def test_bad_specs_are_refused_with_a_clear_message(kwargs, words):
+    with pytest.raises(SpecError) as e:
+        AdapterSpec(**kwargs)
+    assert words in str(e.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(SpecError, match="unknown variant 'nope'; known variants: .*lora"):
+        AdapterSpec.preset("nope")
