@@ -78,3 +78,30 @@ def adapted(form: str = "lora", rank: int = 4, calibration=None, **kw):
 
 def layer_input(n: int = 5, features: int = 16, seed: int = 11, dtype=torch.float64):
     return torch.randn(n, features, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def op_shapes(fn) -> set:
+    """Shapes of every tensor the aten ops inside ``fn()`` produce (forward and backward), to check
+    that a form never materializes its (out, in) update."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    shapes = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes.update(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with Record():
+        fn()
+    return shapes
+
+
+def single_layer(form: str, in_features: int = 20, out_features: int = 24, rank: int = 3, **kw):
+    """One nn.Linear (float64) adapted with ``form``; returns (model, handle, adapted layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, out_features)).double()
+    handle = lorazoo.adapt(model, lorazoo.AdapterSpec(form=form, rank=rank, targets=["0"], **kw))
+    return model, handle, model[0]

@@ -78,6 +78,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
                 first = adapter
             if _initialize:
                 init.apply(path, adapter, layer, weight)
+                form.after_factor_init(weight)  # derived state from the final factors/base (DoRA's m)
     if len(ctx.banks):  # shared tensors live once, in the first layer's adapter
         first.shared = ctx.banks.to(device=weight.device, dtype=weight.dtype)
     handle = AdapterHandle(model, name, spec, fp, {p: ranks.get(p, spec.rank) for p in layers})
@@ -96,7 +97,7 @@ def _shape(m: nn.Module) -> tuple[int, int]:
 def _check_ranks(form_cls, spec, shapes, ranks) -> None:
     for path, (fin, fout) in shapes.items():
         r = ranks.get(path, spec.rank)
-        limit = form_cls.max_rank(fin, fout)
+        limit = form_cls.rank_limit(fin, fout, spec.options)
         if r > limit:
             raise SpecError(
                 f"rank {r} is too large for layer {path!r} ({fin} -> {fout}): form '{spec.form}' allows at "

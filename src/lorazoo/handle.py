@@ -80,7 +80,11 @@ class AdapterHandle:
         return aux
 
     def before_step(self, optimizer) -> None:
-        """Gradient transforms, after backward and before ``optimizer.step()`` (LoRA-Pro)."""
+        """Gradient transforms, after backward and before ``optimizer.step()`` (LoRA-Pro).
+
+        The schedule sees the raw gradients first (AdaLoRA's sensitivities), then the optim part.
+        """
+        self.schedule.before_step(self, optimizer)
         self.optim.before_step(self, optimizer)
 
     def after_step(self, optimizer, step: int) -> None:

@@ -50,6 +50,10 @@ class Part:
     def check_form(cls, form_cls: type["Form"]) -> None:
         """Raise SpecError when this part cannot work with ``form_cls``."""
 
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        """Raise SpecError when this part's options conflict with the spec's own fields (rank...)."""
+
 
 class Form(nn.Module, Part):
     """How the update is formed from trainable tensors.
@@ -76,6 +80,11 @@ class Form(nn.Module, Part):
     def max_rank(cls, in_features: int, out_features: int) -> int:
         """Largest rank this form allows on a layer of this shape."""
         return min(in_features, out_features)
+
+    @classmethod
+    def rank_limit(cls, in_features: int, out_features: int, opts: dict[str, Any]) -> int:
+        """:meth:`max_rank` for forms whose limit depends on their options (LoKr's factor)."""
+        return cls.max_rank(in_features, out_features)
 
     def reset_parameters(self) -> None:
         """The paper's default initialization."""
@@ -173,6 +182,10 @@ class Schedule(Part):
 
     def aux_loss(self, handle: "AdapterHandle") -> torch.Tensor | None:
         return None
+
+    def before_step(self, handle: "AdapterHandle", optimizer) -> None:
+        """Called after backward and before ``optimizer.step()``, with the raw gradients (AdaLoRA's
+        sensitivities), before the optim part transforms them."""
 
     def after_step(self, handle: "AdapterHandle", optimizer, step: int) -> None:
         """Called after ``optimizer.step()`` with the 1-based number of the step just taken."""

@@ -88,6 +88,9 @@ class AdapterSpec:
         for axis in ("init", "optim", "schedule"):
             if hasattr(parts[axis], "check_form"):
                 parts[axis].check_form(form_cls)
+        for cls in parts.values():
+            if hasattr(cls, "check_spec"):
+                cls.check_spec(self)
         if self.rank_dropout > 0 and not form_cls.has_rank:
             raise SpecError(
                 f"rank_dropout needs a form with a rank dimension; form '{self.form}' has none "

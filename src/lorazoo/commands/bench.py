@@ -1,0 +1,55 @@
+"""lorazoo bench: training-step time, memory and inference cost of variants, optionally against PEFT."""
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure step time, memory and merged inference of variants (vs LoRA, the floor, PEFT)",
+        description="Time training steps (interleaved, rotated rounds), peak memory (fresh process per "
+                    "method) and inference forwards of each variant on a random-init Llama; write "
+                    "bench.md, bench.json and bench.png. A variant is a preset name, optionally with "
+                    "parts or options changed: dora:init=pissa, lora:scale=rslora:rank=16, form=loha.")
+    p.add_argument("--variants", help="comma-separated variants (default: every preset whose parts exist); "
+                                      "lora is always added as the reference")
+    p.add_argument("--against", choices=["peft"], action="append", default=[],
+                   help="also run PEFT's implementation of each method it has (needs lorazoo[peft])")
+    from ..study.bench_runner import BenchConfig
+
+    d = BenchConfig()
+    for name in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank", "threads",
+                 "rounds", "warmup", "mem_steps", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
+                       help=f"default {getattr(d, name)}")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"default {d.alpha:g}")
+    p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--mem-jobs", type=int, default=2,
+                   help="memory subprocesses at once (peak RSS is per process; default 2)")
+    p.add_argument("--out", default="docs/bench", help="folder for bench.md/.json/.png (default docs/bench)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..study.bench import run_bench
+    from ..study.bench_report import write
+    from ..study.bench_runner import BenchConfig
+
+    fields = ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank", "alpha",
+              "threads", "rounds", "warmup", "mem_steps", "seed")
+    cfg = BenchConfig(**{f: getattr(args, f) for f in fields},
+                      targets=[t.strip() for t in args.targets.split(",") if t.strip()])
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = run_bench(cfg, variants, against=args.against, memory=not args.no_memory,
+                       mem_jobs=args.mem_jobs, log=log)
+    paths = write(result, args.out)
+    if "png" not in paths:
+        log("bench.png not written: the chart needs matplotlib (pip install 'lorazoo[study]')")
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

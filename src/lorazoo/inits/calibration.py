@@ -1,0 +1,172 @@
+"""One calibration pass for the data-driven inits (LoRA-GA, EVA, ...).
+
+An init declares what it needs in ``collects`` ("grad", "cov"); :func:`collect` runs the
+calibration batches once through the model and gathers, for every target layer at once:
+
+- ``grad``: the full-weight gradient G = dL/dW (out, in), averaged over batches. Each layer's
+  G_batch = Σ_rows grad_outᵀ · x is formed from a forward hook (the input x) and a hook on the
+  output's gradient; no weight gets ``requires_grad``, so no .grad is kept for the model's
+  weights and autograd only tracks the graph from the first target layer on.
+- ``cov``: the uncentered input second moment C = Σ_rows x xᵀ (in, in) and the row count
+  (rows where ``attention_mask`` is 0 are left out when the batch has one of the input's shape).
+
+Memory does not grow with the data: per layer one (out, in) or (in, in) accumulator, in at least
+float32, on the layer's device. The model's train/eval modes and ``requires_grad`` flags are
+restored afterwards, and the hooks removed, also when a batch fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+from ..layer import AdaptedLayer, is_conv1d
+from ..parts import Init
+
+NEEDS = ("grad", "cov")
+
+
+@dataclass
+class LayerStats:
+    """What the calibration pass saw at one target layer."""
+
+    grad: torch.Tensor | None = None  # mean over batches of dL/dW, (out, in)
+    cov: torch.Tensor | None = None   # Σ over input rows of x xᵀ, (in, in)
+    rows: int = 0                     # input rows seen (after the attention mask)
+    calls: int = 0                    # forward calls of the layer
+
+
+def shape_of(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear-like layer (HF Conv1D stores its weight as (in, out))."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32, for statistics and decompositions of low-precision weights."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def collect(model: nn.Module, targets: dict[str, nn.Module], calibration: Iterable | None,
+            needs: Iterable[str], who: str = "this init") -> dict[str, LayerStats]:
+    """Run ``calibration`` (batches of keyword arguments for ``model``) once; return stats per path."""
+    needs = set(needs)
+    unknown = needs - set(NEEDS)
+    if unknown:
+        raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {NEEDS}")
+    if calibration is None:
+        raise SpecError(f"{who} is data-driven: pass calibration=<iterable of batches> to adapt()")
+    want_grad, want_cov = "grad" in needs, "cov" in needs
+    stats = {p: LayerStats() for p in targets}
+    state = {"mask": None}
+    hooks = []
+
+    def accumulate(path, name, value):
+        old = getattr(stats[path], name)
+        setattr(stats[path], name, value if old is None else old.add_(value))
+
+    def make_hook(path, module):
+        n_in, n_out = shape_of(module)
+        dtype = work_dtype(module.weight.dtype)
+
+        def hook(mod, args, out):
+            if not args or not torch.is_tensor(args[0]) or not torch.is_tensor(out):
+                raise SpecError(f"{who}: layer {path!r} was called without a tensor input; cannot calibrate it")
+            x = args[0].detach()
+            stats[path].calls += 1
+            if want_cov:
+                rows = x
+                mask = state["mask"]
+                if mask is not None and mask.shape == x.shape[:-1]:
+                    rows = x[mask.to(torch.bool)]
+                rows = rows.reshape(-1, n_in).to(dtype)
+                stats[path].rows += rows.shape[0]
+                accumulate(path, "cov", rows.T @ rows)
+            if not want_grad:
+                return None
+            x2 = x.reshape(-1, n_in).to(dtype)
+            replaced = None
+            if not out.requires_grad:  # first target on the path: start the graph here
+                out = replaced = out.detach().requires_grad_(True)
+            out.register_hook(lambda g: accumulate(path, "grad", g.reshape(-1, n_out).to(dtype).T @ x2))
+            return replaced
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    batches = 0
+    try:
+        model.eval()
+        for p in flags:
+            p.requires_grad_(False)
+        for path, module in targets.items():
+            hooked = model.get_submodule(path)  # an AdaptedLayer runs its base without calling it
+            hooked = hooked if isinstance(hooked, AdaptedLayer) else module
+            hooks.append(hooked.register_forward_hook(make_hook(path, module)))
+        device = next(iter(targets.values())).weight.device
+        for batch in calibration:
+            if not isinstance(batch, dict):
+                raise SpecError(f"{who}: calibration batches must be dicts of keyword arguments for "
+                                f"model(**batch), got {type(batch).__name__}")
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            mask = batch.get("attention_mask")
+            state["mask"] = mask if torch.is_tensor(mask) else None
+            batches += 1
+            if not want_grad:
+                with torch.no_grad():
+                    model(**batch)
+                continue
+            with torch.enable_grad():
+                loss = _loss(model(**batch), who)
+                if not loss.requires_grad:
+                    raise SpecError(f"{who}: the calibration loss does not depend on the target layers")
+                loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+    if batches == 0:
+        raise SpecError(f"{who}: the calibration iterable yielded no batch; pass at least one batch")
+    unused = [p for p, s in stats.items() if s.calls == 0]
+    if unused:
+        raise SpecError(f"{who}: the calibration batches never reached layer(s) {', '.join(unused[:5])}; "
+                        f"exclude them from targets or pass batches that use them")
+    for path, s in stats.items():
+        if want_grad:
+            if s.grad is None:  # called, but the loss does not depend on its output
+                n_in, n_out = shape_of(targets[path])
+                w = targets[path].weight
+                s.grad = torch.zeros(n_out, n_in, dtype=work_dtype(w.dtype), device=w.device)
+            s.grad.div_(batches)
+    return stats
+
+
+def _loss(output, who: str) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if not torch.is_tensor(loss):
+        raise SpecError(f"{who} needs a loss: the model's output for a calibration batch has no .loss "
+                        f"(include the labels in each batch)")
+    if loss.dim() != 0:
+        raise SpecError(f"{who}: the calibration loss must be a scalar, got shape {tuple(loss.shape)}")
+    return loss
+
+
+class CalibratedInit(Init):
+    """A data-driven init: ``prepare`` runs the calibration pass and keeps ``self.stats``."""
+
+    needs_calibration = True
+    collects: tuple[str, ...] = ()
+
+    def check_targets(self, targets: dict[str, nn.Module]) -> None:
+        """Refuse targets before the (costly) pass; override to check shapes against the rank."""
+
+    def prepare(self, model, targets, calibration) -> None:
+        self.check_targets(targets)
+        self.stats = collect(model, targets, calibration, self.collects, who=f"init '{self.part_name}'")

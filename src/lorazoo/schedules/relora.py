@@ -1,0 +1,140 @@
+"""ReLoRA (Lialin et al., 2024 [21]; study Eq. 12-13): merge-and-reinit, optimizer reset, jagged LR.
+
+Training runs in phases of T = ``relora_interval`` steps. After step τT (1-based, τ = 1, 2, ...)
+the update is merged into the frozen base, W_{t_τ} = W_{t_{τ-1}} + s·B·A (Eq. 12, through
+``adapter.shift_base`` so save/load/delete reproduce and undo it), the factors are re-initialized
+by the form's ``reset_parameters`` (B = 0: the model output is unchanged), and the optimizer state
+of the adapter's parameters is pruned by magnitude: in every state tensor shaped like its
+parameter (Adam's moments), the round(p·n) entries of smallest magnitude are zeroed
+(p = ``relora_prune``, 0.99 as the paper; ties at the threshold go too). p = 1 is a full reset: the
+parameter's state is dropped, so the optimizer starts it afresh (Adam's step count too).
+
+Jagged cosine learning rate, ``lr_factor(t)`` for the 1-based step t (W0 = ``relora_warmup``,
+Wr = ``relora_restart_warmup``, N = ``relora_total_steps``, ρ = ``relora_min_lr_ratio``):
+
+    c(t) = ρ + (1 − ρ)·½(1 + cos(π·clip((t − W0)/(N − W0), 0, 1)))    (c ≡ 1 when N = 0)
+    t ≤ W0:                         t / W0                 (first warmup)
+    k = ⌊(t−1)/T⌋ ≥ 1, j = t − kT ≤ Wr:  (j / Wr)·c(kT + Wr)   (re-warmup after the k-th reset)
+    otherwise:                       c(t)
+
+As the official schedule: one cosine decay over the run with a short linear re-warmup after each
+reset. Deviations, for a continuous curve with no wasted step: warmups ramp j/W for j = 1..W (the
+official ramps from 0 at the reset step), and a re-warmup ends on the cosine value where it ends
+(the official aims at the value at the reset step). N = 0 (the length of the run is unknown) keeps
+the warmups and drops the decay. The study re-warms for 10 steps (Sec. V settings).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import LorazooError, SpecError
+from ..parts import Form, Schedule, check_number
+from ..registry import SCHEDULES
+
+
+@torch.no_grad()
+def prune_by_magnitude_(t: torch.Tensor, fraction: float) -> None:
+    """Zero the round(fraction·numel) entries of ``t`` of smallest magnitude, in place."""
+    k = round(fraction * t.numel())
+    if k == 0:
+        return
+    mag = t.abs().flatten()
+    threshold = mag.kthvalue(k).values
+    t.mul_((t.abs() > threshold).to(t.dtype))
+
+
+@SCHEDULES.register("relora", paper="ReLoRA (Lialin et al., 2024) [21]",
+                    equations="study Eq. 12-13; W_{t_τ} = W_{t_{τ-1}} + s·B·A every T steps, then reinit, "
+                              "optimizer pruning, jagged cosine LR",
+                    summary="merge s·B·A into the base every relora_interval steps, re-init, reset optimizer, "
+                            "re-warm the LR")
+class ReLoRA(Schedule):
+    options = {"relora_interval": 1000, "relora_warmup": 0, "relora_restart_warmup": 10,
+               "relora_total_steps": 0, "relora_min_lr_ratio": 0.1, "relora_prune": 0.99}
+
+    @classmethod
+    def validate(cls, opts):
+        check_number("relora_interval", opts["relora_interval"], minimum=1, integer=True)
+        for key in ("relora_warmup", "relora_restart_warmup", "relora_total_steps"):
+            check_number(key, opts[key], integer=True)
+        check_number("relora_min_lr_ratio", opts["relora_min_lr_ratio"], maximum=1.0)
+        check_number("relora_prune", opts["relora_prune"], maximum=1.0)
+        if opts["relora_restart_warmup"] >= opts["relora_interval"]:
+            raise SpecError(
+                f"relora_restart_warmup ({opts['relora_restart_warmup']}) must be shorter than "
+                f"relora_interval ({opts['relora_interval']}); lower it or merge less often"
+            )
+        if opts["relora_total_steps"] and opts["relora_total_steps"] <= opts["relora_warmup"]:
+            raise SpecError(
+                f"relora_total_steps ({opts['relora_total_steps']}) must exceed relora_warmup "
+                f"({opts['relora_warmup']}); set it to the length of the run, or 0 for no cosine decay"
+            )
+
+    @classmethod
+    def check_form(cls, form_cls):
+        if (form_cls.factors is Form.factors or not form_cls.mergeable or form_cls.multiplicative
+                or form_cls.reads_output or not form_cls.zero_init):
+            raise SpecError(
+                f"schedule 'relora' merges s·B·A into the base and restarts from a zero update, which needs "
+                f"a mergeable additive form with B·A factors and a zero init; form '{form_cls.part_name}' "
+                f"is not one: use form='lora', or schedule='none'"
+            )
+
+    # --- merge-and-reinit ---------------------------------------------------------------------
+    def after_step(self, handle, optimizer, step):
+        if step % self.spec.options["relora_interval"] == 0:
+            self.merge_and_reinit(handle, optimizer)
+
+    @torch.no_grad()
+    def merge_and_reinit(self, handle, optimizer=None) -> None:
+        """W0 += s·B·A on every layer, re-init the factors, prune their optimizer state."""
+        if handle.merged:
+            raise LorazooError(f"adapter {handle.name!r} is merged; unmerge() it before training with ReLoRA")
+        layers = handle.layers()
+        for path, layer in layers.items():  # check all before changing any
+            form = layer.adapters[handle.name].form
+            B, A = form.factors()
+            delta = form.delta_weight(layer.linear_weight())
+            if not torch.allclose(delta, form.scale * B @ A, rtol=1e-3, atol=1e-3 * delta.abs().max().item()):
+                raise LorazooError(f"form '{form.part_name}' at {path!r}: its update is not s·B·A, so ReLoRA "
+                                   f"cannot merge it through its factors; use form='lora'")
+        for layer in layers.values():
+            ad = layer.adapters[handle.name]
+            B, A = ad.form.factors()
+            ad.shift_base(layer.linear_weight(), ad.form.scale * B, A)
+            ad.form.reset_parameters()
+            if optimizer is not None:
+                for p in ad.form.parameters():
+                    self.reset_state(optimizer, p)
+
+    def reset_state(self, optimizer, p: torch.Tensor) -> None:
+        fraction = self.spec.options["relora_prune"]
+        if p not in optimizer.state:
+            return
+        if fraction >= 1.0:
+            del optimizer.state[p]
+            return
+        for v in optimizer.state[p].values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                prune_by_magnitude_(v, fraction)
+
+    # --- jagged cosine learning rate ----------------------------------------------------------
+    def decay(self, t: float) -> float:
+        o = self.spec.options
+        total, warm, rho = o["relora_total_steps"], o["relora_warmup"], o["relora_min_lr_ratio"]
+        if not total:
+            return 1.0
+        progress = min(1.0, max(0.0, (t - warm) / (total - warm)))
+        return rho + (1 - rho) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def lr_factor(self, step):
+        o = self.spec.options
+        T, warm, rewarm = o["relora_interval"], o["relora_warmup"], o["relora_restart_warmup"]
+        if step <= warm:
+            return step / warm
+        k, j = (step - 1) // T, (step - 1) % T + 1
+        if k >= 1 and j <= rewarm:
+            return j / rewarm * self.decay(k * T + rewarm)
+        return self.decay(step)

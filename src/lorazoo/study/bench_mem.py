@@ -1,0 +1,66 @@
+"""Peak memory of one benchmark method, measured in a fresh process.
+
+Run as ``python -m lorazoo.study.bench_mem '<job json>'`` (``bench.measure_memory`` does it): the
+child builds the base model, resets the kernel's peak-RSS mark, reads VmRSS, builds the method,
+takes a few training steps, reads VmHWM, and prints one JSON line. The overhead is VmHWM minus
+that VmRSS, so it counts the adapter, its optimizer state, and the activations autograd keeps.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+
+from .bench_runner import BenchConfig, Method, build_base, build_runner, make_batch
+
+MB = 1024 * 1024
+
+
+def proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} (memory is measured on Linux only)")
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(cfg: BenchConfig, method: Method) -> dict:
+    """Peak-memory overhead of ``method`` over the built base model, in MB."""
+    torch.set_num_threads(cfg.threads)
+    if method.impl == "peft":  # imported before the baseline, so the import is not counted
+        import peft  # noqa: F401
+    model = build_base(cfg)
+    batch = make_batch(cfg)
+    gc.collect()
+    was_reset = reset_peak()
+    base = proc_status("VmRSS")
+    runner = build_runner(method, cfg, batch, model=model)
+    for _ in range(cfg.mem_steps):
+        runner.step()
+    peak = proc_status("VmHWM")
+    return {"base_rss_mb": base / MB, "peak_mb": peak / MB, "overhead_mb": (peak - base) / MB,
+            "peak_reset": was_reset}
+
+
+def main(argv: list[str] | None = None) -> int:
+    job = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    result = measure(BenchConfig(**job["config"]), Method(**job["method"]))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""lorazoo bench on a tiny config: output files, and ratios taken to LoRA and to the floor."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorazoo.cli import main
+from lorazoo.errors import SpecError
+from lorazoo.study.bench import add_ratios, parse_spec, summary
+from lorazoo.study.bench_report import markdown
+from lorazoo.study.bench_runner import BenchConfig
+
+TINY = ["--hidden", "64", "--intermediate", "96", "--layers", "1", "--heads", "4", "--vocab", "128",
+        "--batch", "2", "--seq", "16", "--rounds", "2", "--warmup", "1", "--mem-steps", "1",
+        "--threads", "1", "--mem-jobs", "3"]
+
+
+def _bench(tmp_path, *extra) -> dict:
+    out = tmp_path / "bench"
+    assert main(["bench", *TINY, "--out", str(out), *extra]) == 0
+    assert (out / "bench.md").read_text().startswith("# lorazoo bench")
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    return json.loads((out / "bench.json").read_text())
+
+
+def _check_ratios(result: dict) -> dict:
+    rows = {r["key"]: r for r in result["rows"]}
+    lora, floor = rows["lorazoo:lora"], rows["floor"]
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["fwd_s"] > 0
+        assert r["step_vs_lora"] == pytest.approx(r["step_s"] / lora["step_s"])
+        assert r["step_vs_floor"] == pytest.approx(r["step_s"] / floor["step_s"])
+        assert r["mem_vs_lora"] == pytest.approx(r["overhead_mb"] / lora["overhead_mb"])
+        assert r["mem_vs_floor"] == pytest.approx(r["overhead_mb"] / floor["overhead_mb"])
+        assert r["fwd_vs_base"] == pytest.approx(r["fwd_s"] / floor["fwd_s"])
+        assert len(r["step_samples"]) == 2  # rounds, warm-up dropped
+    assert lora["step_vs_lora"] == 1 and floor["step_vs_floor"] == 1 and floor["trainable"] == 0
+    assert lora["mergeable"] and lora["merged_fwd_vs_base"] > 0
+    return rows
+
+
+def test_bench_lorazoo_only(tmp_path):
+    result = _bench(tmp_path, "--variants", "rslora,lora:rank=4")
+    rows = _check_ratios(result)
+    assert set(rows) == {"floor", "lorazoo:lora", "lorazoo:rslora", "lorazoo:lora:rank=4"}
+    assert rows["lorazoo:lora:rank=4"]["trainable_vs_lora"] == pytest.approx(0.5)
+    assert rows["lorazoo:rslora"]["spec"]["scale"] == "rslora"
+
+
+def test_bench_against_peft(tmp_path):
+    pytest.importorskip("peft")
+    result = _bench(tmp_path, "--variants", "rslora,droplora", "--against", "peft")
+    rows = _check_ratios(result)
+    assert {"peft:lora", "peft:rslora"} <= set(rows)
+    assert "peft:droplora" in result["skipped"]  # PEFT's LoRA has no rank dropout
+    for v in ("lora", "rslora"):  # the same method has the same number of trainable parameters
+        assert rows[f"peft:{v}"]["trainable"] == rows[f"lorazoo:{v}"]["trainable"]
+    peft_rs = rows["peft:rslora"]
+    assert peft_rs["step_vs_own_lora"] == pytest.approx(peft_rs["step_s"] / rows["peft:lora"]["step_s"])
+    assert "## lorazoo vs PEFT" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+def test_parse_spec():
+    cfg = BenchConfig(rank=4, alpha=8, targets=["q_proj"])
+    spec = parse_spec("lora:scale=rslora:dropout=0.1", cfg)
+    assert (spec.scale, spec.dropout, spec.rank, spec.alpha, spec.targets) == ("rslora", 0.1, 4, 8, ["q_proj"])
+    assert parse_spec("scale=rslora", cfg).scale == "rslora"
+    assert parse_spec("droplora:rank=2", cfg).rank_dropout == 0.5
+    with pytest.raises(SpecError, match="key=value"):
+        parse_spec("lora:rslora", cfg)
+    with pytest.raises(SpecError, match="unknown variant"):
+        parse_spec("nosuchvariant", cfg)
+
+
+def test_config_errors():
+    with pytest.raises(SpecError, match="multiple of heads"):
+        BenchConfig(hidden=65, heads=4)
+    with pytest.raises(SpecError, match="rounds"):
+        BenchConfig(rounds=0)
+
+
+def test_ratios_and_report_without_memory():
+    rows = [{"key": "floor", "variant": "floor", "impl": "floor", "trainable": 0, "step_s": 1.0, "fwd_s": 0.5},
+            {"key": "lorazoo:lora", "variant": "lora", "impl": "lorazoo", "trainable": 10, "step_s": 2.0,
+             "fwd_s": 0.6, "fwd_merged_s": 0.5},
+            {"key": "peft:lora", "variant": "lora", "impl": "peft", "trainable": 10, "step_s": 4.0,
+             "fwd_s": 0.7}]
+    add_ratios(rows)
+    assert rows[2]["step_vs_lora"] == 2.0 and rows[2]["step_vs_own_lora"] == 1.0
+    assert rows[1]["step_vs_floor"] == 2.0 and rows[1]["merged_fwd_vs_base"] == 1.0
+    assert rows[1]["mem_vs_lora"] is None  # no memory measured: no ratio, no crash
+    result = {"config": BenchConfig().__dict__, "rows": rows, "skipped": {"x": "why"},
+              "environment": {"cpus": 2, "torch": "t", "transformers": "t", "peft": "p",
+                              "loadavg_before": (0.1,), "loadavg_after": (0.2,)}}
+    text = markdown(result)
+    assert "| lora | peft |" in text and "- `x`: why" in text
+
+
+def test_summary():
+    assert summary([3.0, 1.0, 2.0]) == (2.0, pytest.approx(0.5))
+    assert summary(None) == (None, None)
