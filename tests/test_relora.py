@@ -117,9 +117,10 @@ def test_default_schedule_is_flat_without_warmups():
 
 def test_training_with_merges_learns_and_save_load_reproduces(tmp_path):
     x, _ = tiny_data()
-    model, handle = _relora(relora_interval=4, relora_restart_warmup=2)
-    losses = train(model, handle, steps=14, lr=2e-2)  # 3 merges
-    assert losses[-1] < 0.9 * losses[0]
+    torch.manual_seed(0)  # the re-inits draw from the global generator
+    model, handle = _relora(relora_interval=5, relora_restart_warmup=3)
+    losses = train(model, handle, steps=16, lr=1e-2)  # 3 merges
+    assert losses[-1] < 0.6 * losses[0] and max(losses) == losses[0]
     assert model.fc1.adapters["default"].shift_A.shape[0] == 3 * 4
     out = model(x=x).logits
     handle.save(tmp_path)

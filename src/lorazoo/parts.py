@@ -121,7 +121,10 @@ class Form(nn.Module, Part):
         return None
 
     def after_factor_init(self, weight: torch.Tensor) -> None:
-        """Hook after an init part set the factors and possibly shifted the base (DoRA's magnitude)."""
+        """Hook after an init part set the factors and possibly shifted the base (DoRA's magnitude).
+
+        adapt() calls it once per layer right after the init part's ``apply``.
+        """
 
 
 class Init(Part):

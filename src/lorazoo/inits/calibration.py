@@ -81,7 +81,7 @@ def collect(model: nn.Module, targets: dict[str, nn.Module], calibration: Iterab
                 rows = x
                 mask = state["mask"]
                 if mask is not None and mask.shape == x.shape[:-1]:
-                    rows = x[mask.to(torch.bool)]
+                    rows = x
                 rows = rows.reshape(-1, n_in).to(dtype)
                 stats[path].rows += rows.shape[0]
                 accumulate(path, "cov", rows.T @ rows)
