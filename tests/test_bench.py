@@ -7,7 +7,8 @@ import pytest
 
 from lorazoo.cli import main
 from lorazoo.errors import SpecError
-from lorazoo.study.bench import add_ratios, parse_spec, summary
+from lorazoo.study.bench import add_ratios, parse_spec, plan, summary
+from lorazoo.study.bench_peft import peft_equivalent
 from lorazoo.study.bench_report import markdown
 from lorazoo.study.bench_runner import BenchConfig
 
@@ -24,15 +25,19 @@ def _bench(tmp_path, *extra) -> dict:
     return json.loads((out / "bench.json").read_text())
 
 
-def _check_ratios(result: dict) -> dict:
+def _check_ratios(result: dict, memory: bool) -> dict:
     rows = {r["key"]: r for r in result["rows"]}
     lora, floor = rows["lorazoo:lora"], rows["floor"]
     for r in rows.values():
         assert r["step_s"] > 0 and r["fwd_s"] > 0
         assert r["step_vs_lora"] == pytest.approx(r["step_s"] / lora["step_s"])
         assert r["step_vs_floor"] == pytest.approx(r["step_s"] / floor["step_s"])
-        assert r["mem_vs_lora"] == pytest.approx(r["overhead_mb"] / lora["overhead_mb"])
-        assert r["mem_vs_floor"] == pytest.approx(r["overhead_mb"] / floor["overhead_mb"])
+        if memory:
+            assert r["overhead_mb"] > 0
+            assert r["mem_vs_lora"] == pytest.approx(r["overhead_mb"] / lora["overhead_mb"])
+            assert r["mem_vs_floor"] == pytest.approx(r["overhead_mb"] / floor["overhead_mb"])
+        else:
+            assert r["mem_vs_lora"] is None
         assert r["fwd_vs_base"] == pytest.approx(r["fwd_s"] / floor["fwd_s"])
         assert len(r["step_samples"]) == 2  # rounds, warm-up dropped
     assert lora["step_vs_lora"] == 1 and floor["step_vs_floor"] == 1 and floor["trainable"] == 0
@@ -41,24 +46,33 @@ def _check_ratios(result: dict) -> dict:
 
 
 def test_bench_lorazoo_only(tmp_path):
-    result = _bench(tmp_path, "--variants", "rslora,lora:rank=4")
-    rows = _check_ratios(result)
+    result = _bench(tmp_path, "--variants", "rslora,lora:rank=4", "--no-memory")
+    rows = _check_ratios(result, memory=False)
     assert set(rows) == {"floor", "lorazoo:lora", "lorazoo:rslora", "lorazoo:lora:rank=4"}
     assert rows["lorazoo:lora:rank=4"]["trainable_vs_lora"] == pytest.approx(0.5)
     assert rows["lorazoo:rslora"]["spec"]["scale"] == "rslora"
 
 
-def test_bench_against_peft(tmp_path):
+def test_bench_against_peft_with_memory(tmp_path):
     pytest.importorskip("peft")
-    result = _bench(tmp_path, "--variants", "rslora,droplora", "--against", "peft")
-    rows = _check_ratios(result)
-    assert {"peft:lora", "peft:rslora"} <= set(rows)
-    assert "peft:droplora" in result["skipped"]  # PEFT's LoRA has no rank dropout
-    for v in ("lora", "rslora"):  # the same method has the same number of trainable parameters
-        assert rows[f"peft:{v}"]["trainable"] == rows[f"lorazoo:{v}"]["trainable"]
-    peft_rs = rows["peft:rslora"]
-    assert peft_rs["step_vs_own_lora"] == pytest.approx(peft_rs["step_s"] / rows["peft:lora"]["step_s"])
+    result = _bench(tmp_path, "--variants", "lora", "--against", "peft")  # 3 memory subprocesses
+    rows = _check_ratios(result, memory=True)
+    assert set(rows) == {"floor", "lorazoo:lora", "peft:lora"}
+    assert rows["peft:lora"]["trainable"] == rows["lorazoo:lora"]["trainable"]
+    assert rows["peft:lora"]["step_vs_own_lora"] == 1
     assert "## lorazoo vs PEFT" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+def test_plan_against_peft():
+    pytest.importorskip("peft")
+    cfg = BenchConfig(rank=4)
+    methods, skipped = plan(cfg, ["rslora", "droplora", "lora:init=default"], against=["peft"])
+    keys = [m.key for m in methods]
+    assert keys[:2] == ["floor", "lorazoo:lora"]  # the references come first
+    assert {"peft:lora", "peft:rslora", "peft:lora:init=default"} <= set(keys)
+    assert "PEFT's lora has no rank dropout" in skipped["peft:droplora"]
+    config, _ = peft_equivalent(parse_spec("rslora", cfg), cfg)
+    assert config.use_rslora and config.r == 4 and config.lora_alpha == 16
 
 
 def test_parse_spec():

@@ -7,6 +7,7 @@ import torch
 
 import lorazoo
 from lorazoo.inits.calibration import collect
+from lorazoo.registry import FORMS
 from reference import assert_columns_match
 from tiny import TinyNet, adapted, calibration_batches, tiny_data
 
@@ -94,9 +95,10 @@ def test_every_layer_keeps_one_component():
     assert handle.ranks == reference_ranks({"0": x, "1": net[0].base(x).detach()}, 2, 2.0, {"0": 8, "1": 8})
 
 
-def test_starts_as_base():
+@pytest.mark.parametrize("form", [f for f in ("lora", "dora", "moslora") if f in FORMS.names()])
+def test_starts_as_base(form):
     x, _ = tiny_data()
-    model, _ = adapted(rank=3, init="eva", calibration=calibration_batches())
+    model, _ = adapted(form, rank=3, init="eva", calibration=calibration_batches())
     torch.testing.assert_close(model(x).logits, TinyNet()(x).logits, rtol=1e-6, atol=1e-12)
 
 

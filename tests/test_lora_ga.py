@@ -3,6 +3,7 @@
 G = mean over calibration batches of dL/dW0 = U S Vᵀ; A = c·V[:, :r]ᵀ, B = c·U[:, r:2r],
 c = d_out^(1/4)/sqrt(gamma); base W0 - s·B·A."""
 import types
+from collections import UserDict
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import lorazoo
 from lorazoo.inits.calibration import collect
+from lorazoo.registry import FORMS
 from reference import assert_columns_match
 from tiny import TinyNet, adapted, calibration_batches, tiny_data
 
@@ -43,6 +45,17 @@ def test_hooked_gradient_equals_autograd_and_model_is_restored():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_gradient_through_a_layer_that_already_has_an_adapter():
+    """The wrapper, not its base module, is hooked (an adapted layer runs W x without calling it)."""
+    model = TinyNet()
+    lorazoo.adapt(model, lorazoo.AdapterSpec(rank=2, targets=["fc1", "fc2"]), name="first")  # B = 0
+    targets = {p: getattr(model, p).base for p in ("fc1", "fc2")}
+    stats = collect(model, targets, calibration_batches(), ["grad"])
+    ref = autograd_mean_grad(TinyNet(), ["fc1", "fc2"], calibration_batches())
+    for n in ("fc1", "fc2"):
+        torch.testing.assert_close(stats[n].grad, ref[n], rtol=1e-6, atol=1e-12)
+
+
 class ConvNet(torch.nn.Module):
     """GPT-2 style Conv1D layers (weights stored (in, out)) with the HF calling convention."""
 
@@ -61,11 +74,11 @@ class ConvNet(torch.nn.Module):
 
 def test_conv1d_gradient_is_in_out_in_layout_over_sequences():
     g = torch.Generator().manual_seed(2)
-    batches = [{"x": torch.randn(2, 5, 12, generator=g, dtype=torch.float64),
-                "labels": torch.randint(0, 3, (2, 5), generator=g)} for _ in range(3)]
+    batches = [UserDict(x=torch.randn(2, 5, 12, generator=g, dtype=torch.float64),  # like HF BatchEncoding
+                        labels=torch.randint(0, 3, (2, 5), generator=g)) for _ in range(3)]
     net = ConvNet()
     stats = collect(net, {"c1": net.c1, "c2": net.c2}, batches, ["grad"])
-    ref = autograd_mean_grad(ConvNet(), ["c1", "c2"], batches)
+    ref = autograd_mean_grad(ConvNet(), ["c1", "c2"], [dict(b) for b in batches])
     for n in ("c1", "c2"):
         torch.testing.assert_close(stats[n].grad, ref[n].T, rtol=1e-6, atol=1e-12)  # (out, in)
 
@@ -102,9 +115,10 @@ def test_first_step_projection_is_best_rank_2r_gradient():
                                rtol=1e-6, atol=1e-12)
 
 
-def test_starts_as_base():
+@pytest.mark.parametrize("form", [f for f in ("lora", "dora", "moslora") if f in FORMS.names()])
+def test_starts_as_base(form):
     x, _ = tiny_data()
-    model, _ = adapted(rank=R, alpha=ALPHA, init="lora_ga", calibration=calibration_batches())
+    model, _ = adapted(form, rank=R, alpha=ALPHA, init="lora_ga", calibration=calibration_batches())
     torch.testing.assert_close(model(x).logits, TinyNet()(x).logits, rtol=1e-6, atol=1e-12)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 import lorazoo
 from lorazoo.optim.loraplus import LoRAPlus, up_parameters
 from lorazoo.parts import Form
-from tiny import TinyNet, adapted, perturb, tiny_data
+from tiny import adapted, perturb, tiny_data
 
 
 def _groups(handle, lr=1e-3, wd=0.1):
@@ -100,6 +100,16 @@ def test_up_parameters_by_attribute_factors_or_name():
     f = _NoUp()
     f.B1 = nn.Parameter(torch.zeros(3, 2))  # the B* naming rule
     assert _ids(up_parameters(f)) == {id(f.B1)}
+
+
+def test_one_dimensional_adapter_parameters_go_with_B():
+    f = _Up()
+    f.lam = nn.Parameter(torch.zeros(2))  # singular values, magnitudes, VeRA vectors: the authors' ndim rule
+    fake = SimpleNamespace(adapters=lambda: {"l": SimpleNamespace(form=f)}, saved_modules=dict,
+                           named_trainable_parameters=f.named_parameters)
+    groups = {g["name"]: g for g in LoRAPlus(lorazoo.AdapterSpec(optim="loraplus")).param_groups(fake, 1.0, 0.1)}
+    assert _ids(groups["B"]["params"]) == {id(f.P), id(f.lam)} and groups["B"]["lr"] == 16.0
+    assert _ids(groups["A"]["params"]) == {id(f.Q)} and groups["B"]["weight_decay"] == 0.1
 
 
 def test_form_without_up_projection_is_refused():

@@ -15,6 +15,7 @@ so LoRA+ keeps its ratio) times the warmup + decay schedule times ``handle.lr_fa
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -81,6 +82,7 @@ class Trainer:
     its share of the step's examples, so the gradient equals that of one big batch.
     ``warmup`` is a fraction of the optimizer steps when below 1, else a number of steps.
     ``evaluate(model) -> dict`` runs at the end of each (partial) epoch, in eval mode.
+    ``progress`` shows a tqdm bar and the per-epoch metrics on stderr; off, the trainer prints nothing.
     """
 
     def __init__(self, model: nn.Module, handle: AdapterHandle, *, lr: float, epochs: float = 1,
@@ -148,7 +150,9 @@ class Trainer:
                 if self.evaluate is not None:
                     metrics = self._evaluate()
                     self.metrics_per_epoch.append({"epoch": round(epoch + n / len(first), 4), **metrics})
-                    bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+                    if self.progress:
+                        bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()),
+                                  file=sys.stderr)
         finally:
             bar.close()
             self.model.eval()

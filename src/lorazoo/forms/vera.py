@@ -47,6 +47,7 @@ class VeRA(Form):
 
     options = {"vera_d_init": 0.1}
     rank_bound = "min(r, in, out)"
+    up_params = ("b",)  # the zero-init output-side vector (LoRA+ B group)
 
     def __init__(self, in_features, out_features, rank, scale, opts, ctx):
         super().__init__(in_features, out_features, rank, scale, opts, ctx)

@@ -10,14 +10,15 @@ calibration batches once through the model and gathers, for every target layer a
 - ``cov``: the uncentered input second moment C = Σ_rows x xᵀ (in, in) and the row count
   (rows where ``attention_mask`` is 0 are left out when the batch has one of the input's shape).
 
+The model runs in eval mode (no dropout: the statistics are those of the deterministic model).
 Memory does not grow with the data: per layer one (out, in) or (in, in) accumulator, in at least
 float32, on the layer's device. The model's train/eval modes and ``requires_grad`` flags are
 restored afterwards, and the hooks removed, also when a batch fails.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -81,17 +82,17 @@ def collect(model: nn.Module, targets: dict[str, nn.Module], calibration: Iterab
                 rows = x
                 mask = state["mask"]
                 if mask is not None and mask.shape == x.shape[:-1]:
-                    rows = x
+                    rows = x[mask.to(torch.bool)]
                 rows = rows.reshape(-1, n_in).to(dtype)
                 stats[path].rows += rows.shape[0]
                 accumulate(path, "cov", rows.T @ rows)
             if not want_grad:
                 return None
-            x2 = x.reshape(-1, n_in).to(dtype)
             replaced = None
             if not out.requires_grad:  # first target on the path: start the graph here
                 out = replaced = out.detach().requires_grad_(True)
-            out.register_hook(lambda g: accumulate(path, "grad", g.reshape(-1, n_out).to(dtype).T @ x2))
+            out.register_hook(lambda g: accumulate(
+                path, "grad", g.reshape(-1, n_out).to(dtype).T @ x.reshape(-1, n_in).to(dtype)))
             return replaced
 
         return hook
@@ -109,7 +110,7 @@ def collect(model: nn.Module, targets: dict[str, nn.Module], calibration: Iterab
             hooks.append(hooked.register_forward_hook(make_hook(path, module)))
         device = next(iter(targets.values())).weight.device
         for batch in calibration:
-            if not isinstance(batch, dict):
+            if not isinstance(batch, Mapping):  # dict, or HF BatchEncoding (a UserDict)
                 raise SpecError(f"{who}: calibration batches must be dicts of keyword arguments for "
                                 f"model(**batch), got {type(batch).__name__}")
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
