@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import lorazoo
 from lorazoo import AdapterSpec, SpecError
@@ -46,3 +47,31 @@ def test_bad_specs_are_refused_with_a_clear_message(kwargs, words):
 def test_unknown_preset():
     with pytest.raises(SpecError, match="unknown variant 'nope'; known variants: .*lora"):
         AdapterSpec.preset("nope")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"form": "moslora", "optim": "lora_pro"}, "lora_pro"),
+    ({"form": "moslora", "schedule": "relora"}, "relora"),
+    ({"form": "lokr", "init": "pissa"}, "pissa"),
+    ({"form": "lorma_plus", "init": "eva"}, "eva"),
+    ({"form": "hydralora", "schedule": "relora"}, "relora"),
+    ({"form": "lora", "schedule": "adalora"}, "adalora"),
+])
+def test_meaningless_combinations_are_refused(kwargs, words):
+    with pytest.raises(SpecError) as e:
+        AdapterSpec(**kwargs)
+    assert words in str(e.value)
+
+
+def test_meaningful_combination_builds_and_runs():
+    from tiny import TinyNet, calibration_batches, tiny_data, train
+
+    spec = AdapterSpec(form="dora", init="pissa", scale="rslora", optim="loraplus", rank=4, rank_dropout=0.3,
+                       targets=["fc1", "fc2"])
+    model = TinyNet()
+    base = model(tiny_data()[0]).logits
+    handle = lorazoo.adapt(model, spec, calibration=calibration_batches())
+    model.eval()
+    torch.testing.assert_close(model(tiny_data()[0]).logits, base, rtol=1e-6, atol=1e-9)
+    losses = train(model, handle, steps=30, lr=1e-2)
+    assert losses[-1] < losses[0]

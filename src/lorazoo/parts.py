@@ -115,8 +115,11 @@ class Form(nn.Module, Part):
         """Apply a rank mask to the rank-dimension activations ``h`` (last dim = rank)."""
         return h if mask is None else h * mask
 
-    # Low-rank factors (B, A) of the plain update B·A (scale excluded), for inits that set them
-    # (PiSSA, EVA...) and schedules that merge them (ReLoRA). Forms without them return None.
+    # Low-rank factors (B, A) an init may set (PiSSA, EVA...). ``plain_product`` says they make up the
+    # whole update s·B·A, so gradient rules (LoRA-Pro) and merges (ReLoRA) may rely on it; MoSLoRA's
+    # s·B·M·A does not. Forms without factors return None.
+    plain_product: bool = True
+
     def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
         return None
 

@@ -26,6 +26,8 @@ class AdaLoRA(Form):
     never forms P·Λ·Q: its cost is r·(in + out) per token, as LoRA's.
     """
 
+    up_params = ("P",)  # the up-projection, for LoRA+
+
     def __init__(self, in_features, out_features, rank, scale, opts, ctx):
         super().__init__(in_features, out_features, rank, scale, opts, ctx)
         self.P = nn.Parameter(torch.empty(out_features, rank))

@@ -31,6 +31,8 @@ class MoSLoRA(LoRA):
     code that folds the update into the base later must use :meth:`delta_weight`, not B·A.
     """
 
+    plain_product = False  # the update is s·B·M·A: LoRA-Pro and ReLoRA refuse it
+
     options = {"moslora_mixer_init": "kaiming"}
 
     def __init__(self, in_features, out_features, rank, scale, opts, ctx):

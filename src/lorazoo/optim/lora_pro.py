@@ -75,7 +75,7 @@ class LoRAPro(Optim):
 
     @classmethod
     def check_form(cls, form_cls):
-        if form_cls.factors is Form.factors or form_cls.multiplicative:
+        if form_cls.factors is Form.factors or form_cls.multiplicative or not form_cls.plain_product:
             raise SpecError(
                 f"optim 'lora_pro' adjusts the gradients of the factors of an additive update s·B·A, "
                 f"which form '{form_cls.part_name}' does not have; use it with a factorized form such as "

@@ -74,7 +74,8 @@ class ReLoRA(Schedule):
 
     @classmethod
     def check_form(cls, form_cls):
-        if (form_cls.factors is Form.factors or not form_cls.mergeable or form_cls.multiplicative
+        if (form_cls.factors is Form.factors or not form_cls.plain_product or not form_cls.mergeable
+                or form_cls.multiplicative
                 or form_cls.reads_output or not form_cls.zero_init):
             raise SpecError(
                 f"schedule 'relora' merges s·B·A into the base and restarts from a zero update, which needs "
