@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .conv import ConvAdaptedLayer, conv_shape, is_conv2d
 from .errors import SpecError, TargetError
 from .fingerprint import base_weights, fingerprint
 from .handle import AdapterHandle, handles_of
@@ -91,6 +92,8 @@ def _shape(m: nn.Module) -> tuple[int, int]:
         return m.in_features, m.out_features
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
+    if is_conv2d(m):
+        return conv_shape(m)  # (in·kh·kw, out): a linear map on patches
     return m.weight.shape[0], m.weight.shape[1]  # Conv1D: (in, out)
 
 
@@ -108,6 +111,6 @@ def _check_ranks(form_cls, spec, shapes, ranks) -> None:
 def _wrap(model: nn.Module, path: str, mod: nn.Module) -> AdaptedLayer:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    layer = AdaptedLayer(mod)
+    layer = ConvAdaptedLayer(mod) if is_conv2d(mod) else AdaptedLayer(mod)
     setattr(parent, child, layer)
     return layer

@@ -58,5 +58,6 @@ def base_weights(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
                     w = w - ad.shift_B @ ad.shift_A
             out[p] = w
         else:
-            out[p] = m.weight if isinstance(m, nn.Linear) else m.weight.t()
+            out[p] = m.weight if isinstance(m, nn.Linear) else (
+                m.weight.reshape(m.weight.shape[0], -1) if isinstance(m, nn.Conv2d) else m.weight.t())
     return out

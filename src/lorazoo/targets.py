@@ -1,10 +1,17 @@
-"""Which layers of a model an adapter goes on."""
+"""Which layers of a model an adapter goes on.
+
+``targets`` is a list of names (a layer's path or its suffix after a dot), a regex over paths,
+"all-linear" (every nn.Linear / HF Conv1D but the output head) or "all-conv" (every nn.Conv2d
+with groups == 1; grouped and depthwise convs are skipped). Conv2d layers named explicitly or by
+a regex are adapted too (see lorazoo.conv); a grouped or depthwise one raises a TargetError.
+"""
 from __future__ import annotations
 
 import re
 
 from torch import nn
 
+from .conv import check_conv, is_conv2d
 from .errors import TargetError
 from .layer import AdaptedLayer, is_linear_like
 
@@ -26,25 +33,29 @@ def _output_head_ids(model: nn.Module) -> set[int]:
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear-like layer (or already adapted layer), by dotted path."""
+    """Every linear-like or Conv2d layer (or already adapted layer), by dotted path."""
     found = {}
     for path, mod in model.named_modules():
         if isinstance(mod, AdaptedLayer):
             found[path] = mod
-        elif is_linear_like(mod) and not path.endswith(".base"):
+        elif (is_linear_like(mod) or is_conv2d(mod)) and not path.endswith(".base"):
             found[path] = mod
     return found
 
 
 def select_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
-    """Resolve ``targets`` (names/suffixes, a regex, or "all-linear") to layers, or raise."""
+    """Resolve ``targets`` (names/suffixes, a regex, "all-linear" or "all-conv") to layers, or raise."""
     layers = candidate_layers(model)
     if targets == "all-linear":
         heads = _output_head_ids(model)
         chosen = {p: m for p, m in layers.items()
                   if id(m) not in heads and id(getattr(m, "base", None)) not in heads
-                  and p.split(".")[-1] not in HEAD_NAMES}
+                  and p.split(".")[-1] not in HEAD_NAMES and not is_conv2d(getattr(m, "base", m))}
         what = "'all-linear'"
+    elif targets == "all-conv":
+        chosen = {p: m for p, m in layers.items()
+                  if is_conv2d(getattr(m, "base", m)) and getattr(m, "base", m).groups == 1}
+        what = "'all-conv'"
     elif isinstance(targets, str):
         rx = re.compile(targets)
         chosen = {p: m for p, m in layers.items() if rx.fullmatch(p) or p.endswith("." + targets)}
@@ -58,11 +69,14 @@ def select_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
         what = f"targets {targets!r}"
     if not chosen:
         raise TargetError(f"{what} matched no linear layer in {type(model).__name__}; {_examples(layers)}")
+    for p, m in chosen.items():
+        if is_conv2d(getattr(m, "base", m)):
+            check_conv(p, getattr(m, "base", m))
     return chosen
 
 
 def _examples(layers: dict) -> str:
     names = sorted({p.split(".")[-1] for p in layers})
     if not names:
-        return "the model has no nn.Linear or Conv1D layer"
-    return f"its linear layers end in: {', '.join(names[:20])}"
+        return "the model has no nn.Linear, Conv1D or Conv2d layer"
+    return f"its linear and conv layers end in: {', '.join(names[:20])}"

@@ -28,17 +28,19 @@ def register(sub) -> None:
     p.add_argument("--rank-dropout", type=float, default=None, help="DropLoRA rank dropout (default: the preset's)")
     p.add_argument("--targets", default=None,
                    help="comma-separated module names, a regex, or all-linear (default: the task's)")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default: the task's run_defaults, else {DEFAULTS['lr']})")
     p.add_argument("--epochs", type=float, default=DEFAULTS["epochs"], help="may be fractional (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"(default: the task's run_defaults, else {DEFAULTS['batch_size']})")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     p.add_argument("--lr-schedule", default="linear", choices=("linear", "cosine", "constant"),
                    help="decay after warmup (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.1,
                    help="warmup: a fraction of the steps, or steps if >= 1 (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=DEFAULTS["limit"],
-                   help="training examples (default: %(default)s; 0 = all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"training examples (default: the task's run_defaults, else {DEFAULTS['limit']}; 0 = all)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="(default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<task>-<variant>)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -94,6 +96,9 @@ def main(args) -> int:
     task_cls = task_class(args.task)
     if args.targets is None and spec.targets == "all-linear" and task_cls.targets != "all-linear":
         spec = type(spec).from_dict({**spec.to_dict(), "targets": task_cls.targets})
+    for key in ("limit", "lr", "batch_size"):  # flags not given: the task's run_defaults, else DEFAULTS
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(task_cls, "run_defaults", {}).get(key, DEFAULTS[key]))
     if args.limit is not None and args.limit < 0:
         raise LorazooError(f"--limit must be >= 0 (0 = all), got {args.limit}")
     out = args.out or f"runs/{run_name(args)}"

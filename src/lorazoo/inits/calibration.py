@@ -60,6 +60,10 @@ def collect(model: nn.Module, targets: dict[str, nn.Module], calibration: Iterab
         raise ValueError(f"unknown calibration statistics {sorted(unknown)}; known: {NEEDS}")
     if calibration is None:
         raise SpecError(f"{who} is data-driven: pass calibration=<iterable of batches> to adapt()")
+    convs = [p for p, m in targets.items() if isinstance(m, nn.Conv2d)]
+    if convs:
+        raise SpecError(f"{who} does not support Conv2d targets yet (its statistics read layer inputs as "
+                        f"rows): {', '.join(convs[:3])}; use a weight-based or default init on conv layers")
     want_grad, want_cov = "grad" in needs, "cov" in needs
     stats = {p: LayerStats() for p in targets}
     state = {"mask": None}

@@ -27,12 +27,17 @@ def require_peft():
     return peft
 
 
-def _opt(spec, *names: str, default: Any = None) -> Any:
-    """The first of ``names`` that the spec's parts declare (forms name options their own way)."""
-    for n in names:
-        if n in spec.options:
-            return spec.options[n]
-    return default
+def _opt(spec, name: str, default: Any = None) -> Any:
+    """Option ``name`` of the spec's parts, or ``default`` where they do not declare it or leave it unset."""
+    value = spec.options.get(name)
+    return default if value is None else value
+
+
+def _lora_init(spec) -> Any:
+    """PEFT's ``init_lora_weights`` for a lorazoo init of a LoRA or DoRA form."""
+    if spec.init == "pissa" and _opt(spec, "pissa_niter", 0):
+        return f"pissa_niter_{spec.options['pissa_niter']}"
+    return _LORA_INITS[spec.init]
 
 
 def peft_equivalent(spec, cfg: BenchConfig) -> tuple[Any, str | None]:
@@ -53,32 +58,33 @@ def peft_equivalent(spec, cfg: BenchConfig) -> tuple[Any, str | None]:
         return None, f"PEFT has no scale '{spec.scale}' for form '{spec.form}'"
     if spec.rank_dropout and spec.form not in ("loha", "lokr"):
         return None, f"PEFT's {spec.form} has no rank dropout"
+    if spec.form == "dora" and not _opt(spec, "dora_detach_norm", True):
+        return None, "PEFT's DoRA always detaches the norm (dora_detach_norm=False has no equivalent)"
 
     common = {"target_modules": spec.targets, "r": spec.rank}
     if spec.form in ("lora", "dora"):
         return peft.LoraConfig(**common, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                use_rslora=spec.scale == "rslora", use_dora=spec.form == "dora",
-                               init_lora_weights=_LORA_INITS[spec.init]), None
+                               init_lora_weights=_lora_init(spec)), None
     if spec.form in ("loha", "lokr"):
         kw = {"alpha": spec.alpha, "rank_dropout": spec.rank_dropout, "module_dropout": spec.dropout}
         if spec.form == "loha":
             return peft.LoHaConfig(**common, **kw), None
-        return peft.LoKrConfig(**common, **kw,
-                               decompose_factor=_opt(spec, "decompose_factor", "factor", default=-1),
-                               decompose_both=bool(_opt(spec, "decompose_both", default=False))), None
+        return peft.LoKrConfig(**common, **kw, decompose_factor=_opt(spec, "lokr_factor", -1)), None
     if spec.form == "vera":
         return peft.VeraConfig(**common, vera_dropout=spec.dropout, projection_prng_key=spec.seed,
-                               d_initial=_opt(spec, "d_initial", default=0.1)), None
-    # AdaLoRA: spec.rank is the initial rank; the budget schedule runs over the timed steps.
+                               d_initial=_opt(spec, "vera_d_init", 0.1)), None
+    # AdaLoRA: the schedule's options map one to one (lorazoo's defaults: the initial rank is the
+    # rank, the target rank 2/3 of it).
+    init_r = _opt(spec, "adalora_init_rank", spec.rank)
     del common["r"]
     return peft.AdaLoraConfig(
-        **common, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_r=spec.rank,
-        target_r=_opt(spec, "target_rank", "target_r", default=max(1, spec.rank * 2 // 3)),
-        tinit=_opt(spec, "tinit", "warmup_steps", default=0), tfinal=_opt(spec, "tfinal", default=0),
-        deltaT=_opt(spec, "deltaT", "delta_t", "interval", default=1),
-        beta1=_opt(spec, "beta1", default=0.85), beta2=_opt(spec, "beta2", default=0.85),
-        orth_reg_weight=_opt(spec, "orth_reg_weight", "orth_weight", default=0.5),
-        total_step=_opt(spec, "total_step", "total_steps", default=cfg.total_steps + cfg.mem_steps + 1),
+        **common, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_r=init_r,
+        target_r=_opt(spec, "adalora_target_rank", max(1, round(2 * init_r / 3))),
+        total_step=_opt(spec, "adalora_total_steps", 1000), tinit=_opt(spec, "adalora_warmup_steps", 0),
+        tfinal=_opt(spec, "adalora_final_steps", 0), deltaT=_opt(spec, "adalora_interval", 1),
+        beta1=_opt(spec, "adalora_beta1", 0.85), beta2=_opt(spec, "adalora_beta2", 0.85),
+        orth_reg_weight=_opt(spec, "adalora_orth_reg", 0.5),
     ), None
 
 
@@ -95,7 +101,7 @@ def peft_runner(method: Method, cfg: BenchConfig, model: torch.nn.Module, batch:
         from peft.optimizers import create_loraplus_optimizer
 
         opt = create_loraplus_optimizer(pmodel, torch.optim.AdamW, lr=cfg.lr,
-                                        loraplus_lr_ratio=_opt(spec, "loraplus_ratio", default=16))
+                                        loraplus_lr_ratio=_opt(spec, "loraplus_ratio", 16))
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr)
     adalora = spec.form == "adalora"

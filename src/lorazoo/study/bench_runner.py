@@ -52,11 +52,6 @@ class BenchConfig:
             raise SpecError(f"bench hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         self.targets = list(self.targets)
 
-    @property
-    def total_steps(self) -> int:
-        """Training steps one method takes in the timing phase (schedules are sized to it)."""
-        return self.warmup + self.rounds
-
 
 @dataclass
 class Method:

@@ -150,11 +150,12 @@ def validate(config: dict, known_tasks: Iterable[str] | None = None) -> list[dic
         known_tasks = _known_tasks(fn)
     known_tasks = set(known_tasks)
     trials = expand(study)
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {}  # message -> the trials it concerns
 
-    def problem(msg: str) -> None:
-        if msg not in problems:
-            problems.append(msg)
+    def problem(msg: str, where: str | None = None) -> None:
+        problems.setdefault(msg, [])
+        if where:
+            problems[msg].append(where)
 
     from ..errors import LorazooError
     from ..variants import variants
@@ -164,7 +165,7 @@ def validate(config: dict, known_tasks: Iterable[str] | None = None) -> list[dic
         where = _describe(cfg)
         for key in ("task", "variant", "lr"):
             if key not in cfg:
-                problem(f"{where}: no {key!r} (put it in the sweep's grid or fixed values)")
+                problem(f"no {key!r} (put it in the sweep's grid or fixed values)", where)
         if {"task", "variant", "lr"} - set(cfg):
             continue
         if cfg["task"] not in known_tasks:
@@ -173,21 +174,26 @@ def validate(config: dict, known_tasks: Iterable[str] | None = None) -> list[dic
             problem(f"unknown variant {cfg['variant']!r}; known variants: {', '.join(sorted(known_variants))}")
             continue
         for msg in _check_numbers(cfg):
-            problem(f"{where}: {msg}")
+            problem(msg, where)
         try:
             task, _, kwargs = call_args(cfg)
         except LorazooError as e:
-            problem(f"{where}: {e}")
+            problem(str(e), where)
             continue
         if study["trial_fn"] == DEFAULT_TRIAL_FN and task in known_tasks:
             msg = _check_task_options(task, kwargs)
             if msg:
-                problem(f"{where}: {msg}")
+                problem(msg, where)
     if problems:
-        shown = problems[:MAX_PROBLEMS]
-        more = f"\n  ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+        lines = []
+        for msg, wheres in list(problems.items())[:MAX_PROBLEMS]:
+            if wheres:
+                msg += f" [{wheres[0]}" + (f" and {len(wheres) - 1} more" if len(wheres) > 1 else "") + "]"
+            lines.append(msg)
+        if len(problems) > MAX_PROBLEMS:
+            lines.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
         raise GridError(f"study {study['name']!r} has an invalid grid (no trial was run):\n  "
-                        + "\n  ".join(shown) + more)
+                        + "\n  ".join(lines))
     return trials
 
 
@@ -218,13 +224,15 @@ def _check_numbers(cfg: dict) -> list[str]:
 
 def _check_task_options(task: str, kwargs: dict) -> str | None:
     """For lorazoo's own run(): options must be the task's or the trainer's."""
-    from ..tasks.base import task_class
+    from ..tasks.base import task_class, task_names
 
+    if task not in task_names():  # known only to the caller's list: nothing to check against
+        return None
     try:
         from ..run import TRAINER_OPTIONS
     except ImportError:  # pragma: no cover - run.py not there yet
         TRAINER_OPTIONS = {}
-    accepted = set(task_class(task).options) | set(TRAINER_OPTIONS) | set(RUN_KEYS)
+    accepted = set(task_class(task).options) | set(TRAINER_OPTIONS) | set(RUN_KEYS) | {"lr"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         return (f"unknown option(s) {', '.join(unknown)} for task {task!r}: not a spec field, a part "
@@ -248,4 +256,4 @@ def _describe(cfg: dict) -> str:
 
 def label(cfg: dict) -> str:
     """A short human label of a trial config."""
-    return " ".join(f"{k}={v}" for k, v in cfg.items() if k in AXIS_ORDER) or trial_id(cfg)
+    return " ".join(f"{k}={cfg[k]}" for k in AXIS_ORDER if k in cfg) or trial_id(cfg)

@@ -92,7 +92,9 @@ class Store:
                 raise StudyError(f"{self.path} is not a lorazoo study file")
             if version < SCHEMA_VERSION:
                 with self.tx():
-                    self.db.executescript(_SCHEMA.replace("BEGIN", ""))
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
                     self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             raise StudyError(f"{self.path} is not a readable SQLite study file ({e})") from None

@@ -1,0 +1,189 @@
+"""Tables and plots from a study file: metric against learning rate (one line per variant, per
+task), best learning rate and score per variant, loss curves, and the normalized area under the
+training-loss curve (LoRMA's convergence measure; lower converges faster).
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import StudyError
+from .store import Store
+
+FIXED_AXES = ("task", "variant", "lr", "seed")
+
+
+def loss_auc(losses: list[float] | None) -> float:
+    """Area under the loss curve with steps rescaled to [0, 1] (trapezoids): the mean training
+    loss, comparable between runs of different lengths. NaN when there are no finite losses."""
+    ys = [float(y) for y in (losses or []) if y is not None and math.isfinite(float(y))]
+    if not ys:
+        return math.nan
+    if len(ys) == 1:
+        return ys[0]
+    return sum((a + b) / 2 for a, b in zip(ys, ys[1:])) / (len(ys) - 1)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def _sd(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+
+def series_label(cfg: dict, extra_axes: list[str]) -> str:
+    """A line's name: the variant, plus any other axis the grid varies (``lora rank=4``)."""
+    return " ".join([str(cfg["variant"]), *(f"{k}={cfg.get(k)}" for k in extra_axes)])
+
+
+def summarize(trials: list[dict]) -> dict:
+    """Per task: per series (variant + varying axes): per lr the seeds' metrics, AUCs, curves."""
+    done = [t for t in trials if t["status"] == "done"]
+    keys = {k for t in done for k in t["config"]} - set(FIXED_AXES)
+    extra = sorted(k for k in keys if len({repr(t["config"].get(k)) for t in done}) > 1)
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for t in done:
+        cfg = t["config"]
+        out[cfg["task"]][series_label(cfg, extra)][float(cfg["lr"])].append(t)
+    return {"extra_axes": extra, "tasks": out}
+
+
+def best_rows(series: dict) -> list[dict]:
+    """Best learning rate (highest mean metric over seeds) and its numbers, per series."""
+    rows = []
+    for name, by_lr in series.items():
+        cands = [(lr, _mean([t["metric"] for t in ts])) for lr, ts in by_lr.items()]
+        finite = [c for c in cands if math.isfinite(c[1])]
+        lr, score = max(finite, key=lambda c: c[1]) if finite else (min(by_lr), math.nan)
+        ts = by_lr[lr]
+        rows.append({"series": name, "best_lr": lr, "metric": score, "sd": _sd([t["metric"] for t in ts]),
+                     "seeds": len(ts), "before": _mean([t["metric_before"] for t in ts]),
+                     "auc": _mean([loss_auc(t["losses"]) for t in ts]),
+                     "wall": _mean([t["wall_seconds"] for t in ts]),
+                     "peak": max((t["peak_rss_mb"] or 0 for t in ts), default=0),
+                     "params": ts[0]["trainable_params"]})
+    return sorted(rows, key=lambda r: (-r["metric"] if math.isfinite(r["metric"]) else math.inf, r["series"]))
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "task"
+
+
+def markdown(study: dict, trials: list[dict], counts: dict, images: dict | None = None) -> str:
+    """The report as Markdown; ``images`` maps (task, kind) to PNG file names to link."""
+    s = summarize(trials)
+    metric = next((t["metric_name"] for t in trials if t.get("metric_name")), "metric")
+    parts = [f"# Study `{study['name']}`", "",
+             "Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ".", ""]
+    if s["extra_axes"]:
+        parts += [f"Lines are variants split by {', '.join(s['extra_axes'])}.", ""]
+    for task, series in sorted(s["tasks"].items()):
+        lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
+        rows = best_rows(series)
+        parts += [f"## {task}", "", f"### Best learning rate and {metric} per variant", "",
+                  _table(["variant", "best lr", metric, "sd", "seeds", "before", "loss AUC", "wall s",
+                          "peak MB", "trainable"],
+                         [[r["series"], f"{r['best_lr']:g}", _fmt(r["metric"]), _fmt(r["sd"]), str(r["seeds"]),
+                           _fmt(r["before"]), _fmt(r["auc"]), _fmt(r["wall"], ".1f"), _fmt(r["peak"], ".0f"),
+                           str(r["params"] if r["params"] is not None else "–")] for r in rows]), ""]
+        for title, value in ((f"{metric} against learning rate (mean over seeds)", lambda ts: _mean(
+                [t["metric"] for t in ts])), ("Loss AUC (normalized by steps) against learning rate",
+                                              lambda ts: _mean([loss_auc(t["losses"]) for t in ts]))):
+            parts += [f"### {title}", "",
+                      _table(["variant", *(f"{lr:g}" for lr in lrs)],
+                             [[r["series"], *(_fmt(value(series[r["series"]][lr])) if lr in series[r["series"]]
+                                              else "" for lr in lrs)] for r in rows]), ""]
+        for kind, alt in (("metric_vs_lr", f"{metric} against learning rate"), ("loss", "loss curves")):
+            if images and (task, kind) in images:
+                parts += [f"![{task}: {alt}]({images[(task, kind)]})", ""]
+    failed = [t for t in trials if t["status"] == "failed"]
+    if failed:
+        parts += ["## Failed trials", "",
+                  _table(["trial", "config", "error"],
+                         [[t["id"], " ".join(f"{k}={v}" for k, v in t["config"].items()),
+                           ((t["error"] or "").strip().splitlines() or [""])[-1][:160].replace("|", "/")]
+                          for t in failed]), ""]
+    return "\n".join(parts)
+
+
+def plots(trials: list[dict], out_dir: Path) -> dict:
+    """PNG plots per task; returns {(task, kind): file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(trials)
+    metric = next((t["metric_name"] for t in trials if t.get("metric_name")), "metric")
+    images = {}
+    for task, series in sorted(s["tasks"].items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, by_lr in sorted(series.items()):
+            lrs = sorted(by_lr)
+            ys = [_mean([t["metric"] for t in by_lr[lr]]) for lr in lrs]
+            sds = [_sd([t["metric"] for t in by_lr[lr]]) for lr in lrs]
+            if any(math.isfinite(x) for x in sds):
+                ax.errorbar(lrs, ys, yerr=[x if math.isfinite(x) else 0 for x in sds], marker="o", capsize=3,
+                            label=name)
+            else:
+                ax.plot(lrs, ys, marker="o", label=name)
+        ax.set(xscale="log", xlabel="learning rate", ylabel=metric, title=f"{task}: {metric} against learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=2)
+        name = f"metric_vs_lr_{_slug(task)}.png"
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        images[(task, "metric_vs_lr")] = name
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for row in best_rows(series):
+            ts = series[row["series"]][row["best_lr"]]
+            curve = next((t["losses"] for t in ts if t["losses"]), None)
+            if curve:
+                ax.plot(range(1, len(curve) + 1), curve, lw=1, alpha=0.85,
+                        label=f"{row['series']} (lr {row['best_lr']:g})")
+        ax.set(xlabel="step", ylabel="training loss", title=f"{task}: loss at each variant's best lr")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=2)
+        name = f"loss_{_slug(task)}.png"
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        images[(task, "loss")] = name
+    return images
+
+
+def report(db: str, out_dir: str | None = None, *, study: str | None = None, with_plots: bool = True) -> str:
+    """Write ``report.md`` (and PNG plots) for a study file into ``out_dir``; return the Markdown."""
+    if not Path(db).is_file():
+        raise StudyError(f"no study file at {db!r}")
+    with Store(db, create=False) as store:
+        info = store.study(study)
+        trials = store.trials(info["name"])
+        counts = store.counts(info["name"])
+    if not any(t["status"] == "done" for t in trials):
+        raise StudyError(f"study {info['name']!r} in {db} has no finished trial yet; run `lorazoo study` first")
+    out = Path(out_dir) if out_dir else Path(db).with_name(Path(db).stem + "-report")
+    out.mkdir(parents=True, exist_ok=True)
+    images = plots(trials, out) if with_plots else None
+    text = markdown(info, trials, counts, images)
+    (out / "report.md").write_text(text)
+    return text

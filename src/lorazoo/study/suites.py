@@ -1,0 +1,60 @@
+"""Named study suites (``lorazoo study --suite NAME``), as data: edit the dicts to adjust.
+
+Each suite is a study config (see ``grid``); ``"variant": "all"`` means every registered variant.
+"""
+from __future__ import annotations
+
+import copy
+
+from .errors import StudyError
+
+# Sizing (measured): one sentiment trial with limit=512, max_length=48, test_size=500 takes ~42 s
+# on one thread (~20 s training, the rest loading and two evaluations), ~1 GB peak RSS; so the
+# quick suite's 20 variants x 6 lrs = 120 NLU trials take ~50 min with --workers 2 on 2 cores.
+# Its NLG/IC sweep (24 trials) was not timed: its tasks were written in parallel.
+LRS_WIDE = [1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+LRS_FULL = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+LRS_FEW = [1e-4, 1e-3, 1e-2]
+SMALL_VARIANTS = ["lora", "droplora", "lorma_plus", "dora"]
+
+SUITES: dict[str, dict] = {
+    "quick": {
+        "description": "About an hour on 2 cores (--workers 2): every variant x 6 learning rates (1e-5..1e-2) "
+                       "on the NLU sentiment task, one seed; then 4 variants x 3 learning rates on NLG and IC.",
+        "sweeps": [
+            {"grid": {"task": ["sentiment"], "variant": "all", "lr": LRS_WIDE, "seed": [0]},
+             "fixed": {"epochs": 1, "limit": 512, "max_length": 48, "test_size": 500}},
+            {"grid": {"task": ["nlg_sentiment"], "variant": SMALL_VARIANTS, "lr": LRS_FEW, "seed": [0]},
+             "fixed": {"epochs": 1, "limit": 256}},
+            {"grid": {"task": ["fashion"], "variant": SMALL_VARIANTS, "lr": LRS_FEW, "seed": [0]},
+             "fixed": {"epochs": 1, "limit": 256, "test_size": 500}},
+        ],
+    },
+    "smoke": {
+        "description": "A minute or two: LoRA and DropLoRA at two learning rates on 200 sentiment examples.",
+        "sweeps": [
+            {"grid": {"task": ["sentiment"], "variant": ["lora", "droplora"], "lr": [1e-4, 1e-3]},
+             "fixed": {"epochs": 1, "limit": 200, "max_length": 32}},
+        ],
+    },
+    "full": {
+        "description": "The study's Figs. 7, 9, 10: every variant x 7 learning rates x 3 seeds on all four "
+                       "tasks (hours; use --workers or --backend ray).",
+        "sweeps": [
+            {"grid": {"task": ["sentiment", "bbc", "nlg_sentiment", "fashion"], "variant": "all",
+                      "lr": LRS_FULL, "seed": [0, 1, 2]},
+             "fixed": {"epochs": 3}},
+        ],
+    },
+}
+
+
+def suite(name: str) -> dict:
+    """The study config of suite ``name`` (a copy, named after the suite)."""
+    if name not in SUITES:
+        raise StudyError(f"unknown suite {name!r}; suites: {', '.join(sorted(SUITES))}")
+    return {"name": name, **copy.deepcopy(SUITES[name])}
+
+
+def suites() -> list[str]:
+    return sorted(SUITES)

@@ -1,0 +1,302 @@
+"""The study runner, its SQLite store and its report, with a fake trial function (study_fake.py)."""
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorazoo import cli
+from lorazoo.study.errors import GridError, StudyError
+from lorazoo.study.grid import call_args, expand, trial_id, validate
+from lorazoo.study.report import loss_auc, report
+from lorazoo.study.runner import run_study
+from lorazoo.study.store import Store
+from lorazoo.study.suites import SUITES, suite
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAKE = "study_fake:trial"
+
+
+@pytest.fixture(autouse=True)
+def _fake_on_path(monkeypatch):
+    """Trial processes import study_fake from this folder."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
+
+
+def config(name="t", **grid):
+    g = {"task": ["toy"], "variant": ["lora"], "lr": [1e-4, 1e-3], "seed": [0]}
+    g.update(grid)
+    return {"name": name, "trial_fn": FAKE, "grid": g, "fixed": {"epochs": 1, "sleep": 0.01}}
+
+
+def quiet(_msg):
+    pass
+
+
+# --- grid -----------------------------------------------------------------------------------------
+def test_trial_ids_are_stable_hashes_of_the_config():
+    a = {"task": "toy", "variant": "lora", "lr": 1e-3, "seed": 0, "rank": 4}
+    assert trial_id(a) == trial_id(dict(reversed(list(a.items()))))
+    assert trial_id({**a, "seed": 1}) != trial_id(a)
+    assert trial_id({"task": "toy", "variant": "lora", "lr": 1}) == trial_id({"task": "toy", "variant": "lora",
+                                                                            "lr": 1.0, "seed": 0})
+    assert trial_id(a) == "%s" % trial_id(json.loads(json.dumps(a)))  # survives a JSON round trip
+
+
+def test_grid_expands_sweeps_and_routes_keys():
+    cfg = config(rank=[4, 8], seed=[0, 1])
+    cfg["sweeps"] = [{"grid": {"task": ["toy2"], "variant": "all", "lr": [1e-3]}}]
+    trials = expand(cfg)
+    import lorazoo
+
+    assert len(trials) == 2 * 2 * 2 + len(lorazoo.variants())
+    assert len({trial_id(t) for t in trials}) == len(trials)
+    task, spec, kwargs = call_args(trials[0])
+    assert task == "toy" and spec.rank == 4 and spec.seed == 0
+    assert kwargs == {"lr": 1e-4, "epochs": 1.0, "seed": 0, "sleep": 0.01}
+
+
+@pytest.mark.parametrize("grid, words", [
+    ({"variant": ["lora", "no_such_variant"]}, "unknown variant 'no_such_variant'; known variants: "),
+    ({"lr": [1e-3, -1e-4]}, "lr must be > 0, got -0.0001"),
+    ({"task": ["toy", "no_such_task"]}, "unknown task 'no_such_task'; known tasks: toy, toy2"),
+    ({"rank": [0]}, "rank must be >= 1"),
+    ({"lr": []}, "grid axis 'lr' must be a non-empty list"),
+])
+def test_a_bad_grid_fails_before_any_trial_starts(tmp_path, grid, words):
+    db = tmp_path / "s.sqlite"
+    log = tmp_path / "calls.log"
+    os.environ["STUDY_FAKE_LOG"] = str(log)
+    try:
+        with pytest.raises(GridError) as e:
+            run_study(db, config(**grid), log=quiet)
+    finally:
+        del os.environ["STUDY_FAKE_LOG"]
+    assert words in str(e.value)
+    assert not db.exists() and not log.exists()
+
+
+def test_the_cli_reports_a_bad_grid_clearly(tmp_path, capsys):
+    rc = cli.main(["study", "--trial-fn", FAKE, "--tasks", "toy", "--variants", "lora", "nope",
+                   "--lrs", "1e-3", "-0.1", "--db", str(tmp_path / "s.sqlite")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "invalid grid (no trial was run)" in err
+    assert "unknown variant 'nope'" in err and "lr must be > 0" in err
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+# --- store ----------------------------------------------------------------------------------------
+def test_the_sqlite_schema_round_trips(tmp_path):
+    db = tmp_path / "s.sqlite"
+    cfg = {"task": "toy", "variant": "lora", "lr": 1e-3, "seed": 0, "rank": 4, "targets": ["q", "v"]}
+    bad = {**cfg, "seed": 1}
+    result = {"task": "toy", "spec": {"rank": 4}, "lr": 1e-3, "metric_name": "accuracy", "metric_before": 0.5,
+              "metric": 0.8125, "metrics_per_epoch": [{"epoch": 1, "accuracy": 0.75}, {"epoch": 2, "accuracy": 0.8125}],
+              "losses": [0.7, 0.5, float("nan"), 0.25], "train_seconds": 1.5, "trainable_params": 1234,
+              "peak_rss_mb": 99.5, "extra": {"nested": [1, 2]}}
+    with Store(db) as s:
+        s.save_study("t", {"name": "t", "sweeps": []})
+        assert s.add_trials("t", [cfg, bad]) == 2
+        assert s.add_trials("t", [cfg]) == 0  # already there
+        s.mark_running("t", trial_id(cfg), "w1")
+        s.mark_running("t", trial_id(bad), "w1")
+        s.finish("t", trial_id(cfg), {"status": "done", "result": result, "wall_seconds": 2.0, "peak_rss_mb": 321.0})
+        s.finish("t", trial_id(bad), {"status": "failed", "result": None, "error": "Traceback...\nValueError: x",
+                                      "wall_seconds": 0.5})
+    with Store(db, create=False) as s:  # a fresh connection reads the same
+        assert s.studies() == ["t"] and s.study()["config"] == {"name": "t", "sweeps": []}
+        t = s.trial("t", trial_id(cfg))
+        assert t["status"] == "done" and t["config"] == cfg and t["attempts"] == 1
+        r, want = t["result"], result
+        assert r["losses"][:2] == want["losses"][:2] and math.isnan(r["losses"][2])
+        assert {k: v for k, v in r.items() if k != "losses"} == {k: v for k, v in want.items() if k != "losses"}
+        assert t["metrics_per_epoch"] == result["metrics_per_epoch"]
+        assert (t["metric"], t["metric_before"], t["wall_seconds"], t["peak_rss_mb"], t["trainable_params"]) == (
+            0.8125, 0.5, 2.0, 321.0, 1234)
+        f = s.trial("t", trial_id(bad))
+        assert f["status"] == "failed" and f["error"].endswith("ValueError: x") and f["result"] is None
+        assert s.counts("t") == {"pending": 0, "running": 0, "done": 1, "failed": 1}
+        assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_store_refuses_what_is_not_a_study(tmp_path):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(StudyError, match="not a readable SQLite study file"):
+        Store(junk)
+    with pytest.raises(StudyError, match="no study file"):
+        Store(tmp_path / "missing.sqlite", create=False)
+
+
+# --- runner ---------------------------------------------------------------------------------------
+def test_local_runner_records_trials_and_skips_finished_ones(tmp_path):
+    db = tmp_path / "s.sqlite"
+    cfg = config(lr=[1e-3], fail=[False, True])
+    counts = run_study(db, cfg, workers=2, log=quiet)
+    assert counts == {"pending": 0, "running": 0, "done": 1, "failed": 1}
+    with Store(db) as s:
+        rows = s.trials("t")
+        done = [r for r in rows if r["status"] == "done"]
+        assert all(r["peak_rss_mb"] > 10 and r["wall_seconds"] > 0 and len(r["losses"]) == 20 for r in done)
+        assert all("fake failure" in r["error"] for r in rows if r["status"] == "failed")
+        nonces = {r["id"]: r["result"]["nonce"] for r in done}
+    lines = []
+    run_study(db, cfg, workers=2, retry_failed=False, log=lines.append)
+    assert "2 trials (0 new), 2 finished, 0 to run" in lines[0]
+    run_study(db, cfg, workers=2, log=lines.append)  # failed ones are retried by default
+    with Store(db) as s:
+        rows = s.trials("t")
+        assert {r["id"]: r["result"]["nonce"] for r in rows if r["status"] == "done"} == nonces
+        assert sorted(r["attempts"] for r in rows) == [1, 2]
+
+
+def _wait_for(db, predicate, timeout=60):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            rows = con.execute("SELECT status FROM trials").fetchall()
+            con.close()
+        except sqlite3.Error:
+            rows = []
+        if predicate([r[0] for r in rows]):
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the study")
+
+
+def test_a_killed_study_resumes_without_losing_or_duplicating_trials(tmp_path):
+    db, calls = tmp_path / "kill.sqlite", tmp_path / "calls.log"
+    cfg = config("kill", lr=[1e-4, 1e-3, 1e-2], seed=[0, 1], task=["toy"])
+    cfg["fixed"]["sleep"] = 0.3
+    (tmp_path / "study.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "STUDY_FAKE_LOG": str(calls)}
+    cmd = [sys.executable, "-m", "lorazoo.cli", "study", "--config", str(tmp_path / "study.json"),
+           "--db", str(db), "--workers", "2", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(db, lambda st: st.count("done") >= 2 and "running" in st)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.3)
+    with Store(db) as s:
+        before = {r["id"]: r for r in s.trials("kill")}
+    done_before = {i: r for i, r in before.items() if r["status"] == "done"}
+    assert 2 <= len(done_before) < 6
+    assert any(r["status"] == "running" for r in before.values())  # killed mid-grid
+    n_calls = len(calls.read_text().splitlines())
+    time.sleep(1.0)
+    assert len(calls.read_text().splitlines()) == n_calls  # no orphan trial kept running
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "interrupted" in out.stdout
+    with Store(db) as s:
+        after = s.trials("kill")
+    assert sorted(r["id"] for r in after) == sorted(trial_id(c) for c in expand(cfg))  # each exactly once
+    assert all(r["status"] == "done" for r in after)
+    for r in after:
+        if r["id"] in done_before:  # finished before the kill: kept, not rerun
+            assert r["result"]["nonce"] == done_before[r["id"]]["result"]["nonce"]
+            assert r["attempts"] == 1 and r["finished"] == done_before[r["id"]]["finished"]
+    ran = [json.loads(line) for line in calls.read_text().splitlines()]
+    for r in done_before.values():
+        key = {"task": r["config"]["task"], "lr": r["config"]["lr"], "seed": r["config"]["seed"]}
+        assert ran.count(key) == 1
+
+
+def test_a_second_runner_on_the_same_study_is_refused(tmp_path):
+    db = tmp_path / "s.sqlite"
+    with Store(db) as s:
+        s.save_study("t", {})
+        s.claim("t")
+        s.db.execute("UPDATE studies SET runner_pid=?", (os.getppid(),))  # a live process, not us
+    with pytest.raises(StudyError, match="is being run by pid"):
+        run_study(db, config(lr=[1e-3]), log=quiet)
+    assert run_study(db, config(lr=[1e-3]), log=quiet, force=True)["done"] == 1
+
+
+def test_trial_timeout_marks_the_trial_failed(tmp_path):
+    cfg = config(lr=[1e-3])
+    cfg["fixed"]["sleep"] = 30
+    counts = run_study(tmp_path / "s.sqlite", cfg, timeout=3, log=quiet)
+    assert counts["failed"] == 1
+    with Store(tmp_path / "s.sqlite") as s:
+        assert "timed out after 3 s" in s.trials("t")[0]["error"]
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+def test_ray_backend_missing_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(StudyError, match=r"needs Ray: pip install 'lorazoo\[ray\]'"):
+        run_study(tmp_path / "s.sqlite", config(), backend="ray", log=quiet)
+
+
+@pytest.mark.slow  # starting a local Ray instance takes ~15 s
+def test_ray_backend_runs_the_same_trials(tmp_path):
+    ray = pytest.importorskip("ray")
+    counts = run_study(tmp_path / "s.sqlite", config(), backend="ray", log=quiet)  # starts local Ray
+    assert counts["done"] == 2 and not ray.is_initialized()
+    with Store(tmp_path / "s.sqlite") as s:
+        assert all(r["peak_rss_mb"] > 10 and len(r["losses"]) == 20 for r in s.trials("t"))
+
+
+# --- report and suites ----------------------------------------------------------------------------
+def test_loss_auc_is_normalized_by_steps():
+    assert loss_auc([1.0, 1.0, 1.0]) == 1.0
+    assert loss_auc([1.0, 0.0]) == 0.5
+    assert loss_auc([2.0] * 10 + [0.0] * 10) == pytest.approx(loss_auc([2.0] * 100 + [0.0] * 100), abs=0.06)
+    assert math.isnan(loss_auc([]))
+
+
+def test_report_writes_tables_and_plots(tmp_path, capsys):
+    import study_fake
+
+    db = tmp_path / "r.sqlite"
+    trials = validate(config(lr=[1e-4, 1e-3, 1e-2], variant=["lora", "droplora"], rank=[4, 8]))
+    with Store(db) as s:  # results as the runner would record them, without the processes
+        s.save_study("t", {})
+        s.add_trials("t", trials)
+        for cfg in trials:
+            task, spec, kwargs = call_args(cfg)
+            kwargs["sleep"] = 0
+            s.finish("t", trial_id(cfg), {"status": "done", "result": study_fake.trial(task, spec, **kwargs),
+                                          "wall_seconds": 1.0, "peak_rss_mb": 200.0})
+    assert cli.main(["report", str(db), "--out", str(tmp_path / "rep")]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "rep" / "report.md").read_text() in text
+    for png in ("metric_vs_lr_toy.png", "loss_toy.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000
+    assert "### Best learning rate and accuracy per variant" in text
+    assert "| lora rank=8 | 0.001 | 0.9080 |" in text  # best lr of the synthetic curve
+    assert "Loss AUC" in text and "split by rank" in text
+
+
+def test_report_refuses_a_missing_or_empty_study(tmp_path):
+    with pytest.raises(StudyError, match="no study file"):
+        report(str(tmp_path / "none.sqlite"))
+    with Store(tmp_path / "e.sqlite") as s:
+        s.save_study("e", {})
+    with pytest.raises(StudyError, match="no finished trial"):
+        report(str(tmp_path / "e.sqlite"))
+
+
+def test_suites_are_valid_study_configs():
+    import lorazoo
+
+    quick = expand(suite("quick"))
+    nlu = [t for t in quick if t["task"] == "sentiment"]
+    lrs = sorted({t["lr"] for t in nlu})
+    assert len(lrs) >= 5 and lrs[0] == 1e-5 and lrs[-1] == 1e-2
+    assert {t["variant"] for t in nlu} == set(lorazoo.variants()) and {t["seed"] for t in nlu} == {0}
+    assert {t["task"] for t in quick} >= {"sentiment", "nlg_sentiment", "fashion"}
+    for name in SUITES:
+        validate(suite(name), known_tasks=["sentiment", "bbc", "nlg_sentiment", "fashion"])
+    with pytest.raises(StudyError, match="unknown suite 'nope'; suites: "):
+        suite("nope")
