@@ -127,16 +127,16 @@ def test_grouped_and_depthwise_convs_are_refused_and_skipped_by_all_conv():
     with pytest.raises(TargetError, match="'1' is a depthwise convolution"):
         lorazoo.adapt(model, lorazoo.AdapterSpec(targets=r"[12]"))
     assert type(model[0]) is nn.Conv2d  # nothing changed
-    handle = lorazoo.adapt(model, lorazoo.AdapterSpec(targets="all-conv"))
+    handle = lorazoo.adapt(model, lorazoo.AdapterSpec(rank=2, targets="all-conv"))
     assert sorted(handle.layers()) == ["2"]
     handle.delete()
-    assert sorted(lorazoo.adapt(model, lorazoo.AdapterSpec(targets="all-linear")).layers()) == ["4"]
+    assert sorted(lorazoo.adapt(model, lorazoo.AdapterSpec(rank=2, targets="all-linear")).layers()) == ["4"]
 
 
 def test_data_driven_inits_refuse_conv_targets():
     model = conv_net()
     with pytest.raises(SpecError, match="does not support Conv2d targets"):
-        lorazoo.adapt(model, lorazoo.AdapterSpec(init="eva", targets=["0"]),
+        lorazoo.adapt(model, lorazoo.AdapterSpec(init="eva", rank=2, targets=["0"]),
                       calibration=[{"input": images()}])
 
 

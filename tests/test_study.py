@@ -90,6 +90,18 @@ def test_the_cli_reports_a_bad_grid_clearly(tmp_path, capsys):
     assert not (tmp_path / "s.sqlite").exists()
 
 
+def test_cli_flags_build_and_override_a_study(capsys):
+    assert cli.main(["study", "--suite", "smoke", "--limit", "10", "--grid", "rank=4,8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 trials would be recorded in runs/smoke.sqlite" in out and '"limit": 10' in out and '"rank": 8' in out
+    assert cli.main(["study", "--trial-fn", FAKE, "--tasks", "toy", "--variants", "all", "--lrs", "1e-3",
+                     "--set", "sleep=0", "--name", "x", "--db", "/nonexistent/x.sqlite", "--dry-run"]) == 0
+    import lorazoo
+
+    assert f"{len(lorazoo.variants())} trials would be recorded in /nonexistent/x.sqlite" in capsys.readouterr().out
+    assert cli.main(["study"]) == 2 and "nothing to run" in capsys.readouterr().err
+
+
 # --- store ----------------------------------------------------------------------------------------
 def test_the_sqlite_schema_round_trips(tmp_path):
     db = tmp_path / "s.sqlite"

@@ -3,6 +3,7 @@ its own process, recorded in one SQLite file; rerun to resume."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..errors import LorazooError
@@ -125,9 +126,14 @@ def run(args) -> int:
             print(label(cfg), json.dumps({k: v for k, v in cfg.items() if k not in ("task", "variant", "lr", "seed")}))
         print(f"{len(trials)} trials would be recorded in {db}")
         return 0
-    counts = run_study(db, config, workers=args.workers, backend=args.backend, threads=args.threads,
-                       timeout=args.timeout, retry_failed=args.retry_failed, ray_address=args.ray_address,
-                       cpus_per_trial=args.cpus_per_trial, force=args.force,
-                       log=lambda m: print(m, flush=True))
+    try:
+        counts = run_study(db, config, workers=args.workers, backend=args.backend, threads=args.threads,
+                           timeout=args.timeout, retry_failed=args.retry_failed, ray_address=args.ray_address,
+                           cpus_per_trial=args.cpus_per_trial, force=args.force,
+                           log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished trials are kept in {db}; run the same command to resume",
+              file=sys.stderr)
+        return 130
     print(f"results in {db}; tables and plots: lorazoo report {db}")
     return 1 if counts.get("failed") else 0

@@ -30,7 +30,8 @@ def register(sub) -> None:
                    help="comma-separated module names, a regex, or all-linear (default: the task's)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: the task's run_defaults, else {DEFAULTS['lr']})")
-    p.add_argument("--epochs", type=float, default=DEFAULTS["epochs"], help="may be fractional (default: %(default)s)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help=f"may be fractional (default: the task's run_defaults, else {DEFAULTS['epochs']})")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"(default: the task's run_defaults, else {DEFAULTS['batch_size']})")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
@@ -88,30 +89,44 @@ def run_name(args) -> str:
     return "-".join([args.task, args.variant, *parts])
 
 
-def main(args) -> int:
-    from ..errors import LorazooError
+def resolve_run_defaults(args) -> None:
+    """Fill --lr, --epochs, --batch-size, --limit left unset: the task's ``run_defaults``, else DEFAULTS."""
     from ..tasks.base import task_class
 
-    spec = build_spec(args)
-    task_cls = task_class(args.task)
-    if args.targets is None and spec.targets == "all-linear" and task_cls.targets != "all-linear":
-        spec = type(spec).from_dict({**spec.to_dict(), "targets": task_cls.targets})
-    for key in ("limit", "lr", "batch_size"):  # flags not given: the task's run_defaults, else DEFAULTS
+    task_defaults = getattr(task_class(args.task), "run_defaults", {}) or {}
+    for key in ("lr", "epochs", "batch_size", "limit"):
         if getattr(args, key) is None:
-            setattr(args, key, getattr(task_cls, "run_defaults", {}).get(key, DEFAULTS[key]))
+            setattr(args, key, task_defaults.get(key, DEFAULTS[key]))
+
+
+def main(args) -> int:
+    from ..errors import LorazooError
+    from ..run import TRAINER_OPTIONS, run
+    from ..tasks.base import get_task
+    from ..train import check_trainer_options
+
+    spec = build_spec(args)
+    resolve_run_defaults(args)
     if args.limit is not None and args.limit < 0:
         raise LorazooError(f"--limit must be >= 0 (0 = all), got {args.limit}")
+    task_options = parse_options(args.task_option, "--task-option")
+    clash = sorted(set(task_options) & set(TRAINER_OPTIONS))
+    if clash:
+        raise LorazooError(f"{', '.join(clash)} are trainer options: use their flags, not --task-option")
+    task = get_task(args.task, limit=args.limit or None, seed=args.seed, options=task_options)  # validates
+    if args.targets is None and spec.targets == "all-linear" and task.targets != "all-linear":
+        spec = type(spec).from_dict({**spec.to_dict(), "targets": task.targets})
+    trainer_opts = {"lr_schedule": args.lr_schedule, "warmup": args.warmup, "accumulation": args.accumulation,
+                    "weight_decay": args.weight_decay}
+    check_trainer_options(lr=args.lr, epochs=args.epochs, **trainer_opts)
     out = args.out or f"runs/{run_name(args)}"
-
-    from ..run import run
 
     print(f"lorazoo train: {args.variant} ({spec.form}/{spec.init}/{spec.scale}/{spec.optim}/{spec.schedule}) "
           f"r={spec.rank} alpha={spec.alpha} on {args.task}, limit={args.limit or 'all'}, epochs={args.epochs}, "
           f"lr={args.lr}", file=sys.stderr)
     result = run(args.task, spec, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                  limit=args.limit or None, seed=args.seed, out_dir=out, progress=not args.no_progress,
-                 lr_schedule=args.lr_schedule, warmup=args.warmup, accumulation=args.accumulation,
-                 weight_decay=args.weight_decay, **parse_options(args.task_option, "--task-option"))
+                 **trainer_opts, **task_options)
     m = result["metric_name"]
     print(f"{m} before: {result['metric_before']:.4f}")
     print(f"{m} after:  {result['metric']:.4f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from typing import Callable
@@ -34,7 +35,7 @@ def run_trial_process(tid: str, config: dict, trial_fn: str, threads: int | None
         try:
             tp.proc.wait(timeout=timeout)
             late = None
-        except Exception:  # subprocess.TimeoutExpired
+        except subprocess.TimeoutExpired:
             tp.proc.kill()
             tp.proc.wait()
             late = timeout

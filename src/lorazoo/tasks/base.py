@@ -34,6 +34,7 @@ class Task:
     targets: Any = "all-linear"       # default adapter targets
     modules_to_save: tuple = ()       # fresh heads, trained and saved with the adapter
     options: dict[str, Any] = {}      # option -> default (ints and floats are checked >= 0)
+    run_defaults: dict[str, Any] = {}  # what `lorazoo train` uses for unset lr/epochs/batch_size/limit
 
     def __init__(self, *, limit: int | None = None, seed: int = 0, **options: Any):
         if limit is not None:
