@@ -8,12 +8,14 @@ form works unchanged on conv layers: :class:`ConvAdaptedLayer` hands it the patc
 weight as the (out, in·kh·kw) view; the result goes back to (N, out, Ho, Wo). For LoRA this is
 exactly conv-LoRA's ΔW = B·A with A a kh x kw conv (in -> r) and B a 1 x 1 conv (r -> out).
 
-Cost. The base output always comes from the layer's own conv. The patch rows cost nothing extra
-for 1 x 1 convs without padding (a strided view of the input, permuted channel-last); for k x k
-convs ``F.unfold`` materializes N·Ho·Wo·in·kh·kw values (k² times the input at stride 1), which
-is fine for stems (in = 3) but heavy for wide k x k layers. Multiplicative forms (LoRMA) only read
-``y`` and never unfold. Rows are channel-last views of NCHW tensors, so the forms' matmuls copy
-them once.
+Cost. The base output always comes from the layer's own conv. Plain LoRA (under any init) takes
+a fast path with the same numbers and no unfolding: A as a kh x kw conv (in -> r), the rank mask
+on its r channels, B as a 1 x 1 conv (r -> out), all in NCHW (``ConvAdaptedLayer.fast_lora``;
+input dropout then falls on pixels rather than on patch entries). Every other form gets patch
+rows: free for 1 x 1 convs without padding (a strided, channel-last view of the input, which the
+forms' matmuls copy once), while for k x k convs ``F.unfold`` materializes N·Ho·Wo·in·kh·kw
+values (k² times the input at stride 1), fine for stems (in = 3), heavy for wide k x k layers.
+Multiplicative forms (LoRMA) only read ``y`` and never unfold.
 
 Padding: convs whose forward pads by itself (EfficientNet's "same"-padding subclasses, padding
 modes other than zeros) are handled generically: the base forward runs once under a
