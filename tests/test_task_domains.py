@@ -47,7 +47,7 @@ def test_nlg_split_and_answer_scoring():
 
     a, b = get_task("nlg_sentiment", limit=10), get_task("nlg_sentiment", seed=1)
     assert len(a.test_indices) == 200 and torch.equal(a.test_indices, b.test_indices)
-    assert len(b.train_indices) == 1000 and torch.equal(a.train_indices, b.train_indices[:10])
+    assert len(b.train_indices) == 640 and torch.equal(a.train_indices, b.train_indices[:10])
     assert first_answer("This movie review is positive.") == 1
     assert first_answer("Negative, not positive") == 0 and first_answer("I cannot tell") is None
 

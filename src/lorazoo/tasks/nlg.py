@@ -21,7 +21,7 @@ The first build writes the float32 model and tokenizer to ``~/.cache/lorazoo/smo
 second instead of dequantizing again. Targets: q/k/v/o/gate/up/down_proj of every layer.
 
 Splits: ``test_size`` (default 200) snippets fixed by ``split_seed``; training takes the first
-``limit`` (default 1000) of the rest. Size: one epoch of 1,000 examples, batch 8, about 2 minutes
+``limit`` (default 640) of the rest. Size: one epoch of 640 examples (80 steps of 8), about 2.5 minutes
 on 2 cores (``run_defaults``).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ CACHE_NAME = "smollm2-135m-f32"
 ANSWERS = ("negative", "positive")  # label 0 = rotten, 1 = fresh, as in the sentiment task
 PROMPT = ("<|im_start|>user\nIs this movie review positive or negative? Answer with one word.\nReview: ",
           "<|im_end|>\n<|im_start|>assistant\n")
-DEFAULT_LIMIT = 1000
+DEFAULT_LIMIT = 640
 
 
 def gguf_dir() -> str:
