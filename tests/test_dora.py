@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lorazoo
-from tiny import TinyNet, adapted, layer_input, perturb
+from tiny import TinyNet, adapted, layer_input, perturb, rank_mask_draw
 
 
 def _dense(W0, B, A, m, s):
@@ -39,12 +39,7 @@ def test_rank_mask_enters_the_norm():
     form, W0, b = _parts(model.fc2)
     x = layer_input()
 
-    def draw(seed):
-        torch.manual_seed(seed)
-        return torch.empty(6, dtype=torch.float64).bernoulli_(0.5) / 0.5
-
-    seed = next(s for s in range(100) if 0 < int((draw(s) != 0).sum()) < 6)
-    keep = draw(seed)
+    seed, keep = rank_mask_draw(6, 0.5)
     torch.manual_seed(seed)
     out = model.fc2(x)  # training mode: the same mask is drawn
     ref = x @ _dense(W0, form.B.detach() * keep, form.A.detach(), form.m.detach(), form.scale).T + b

@@ -3,7 +3,7 @@ resampled every step, off at inference."""
 import torch
 
 import lorazoo
-from tiny import TinyNet, layer_input, perturb
+from tiny import TinyNet, layer_input, perturb, rank_mask_draw
 
 
 def _layer(p=0.5):
@@ -18,12 +18,7 @@ def test_single_mask_equals_two_masks_on_A_and_B():
     model, handle, layer = _layer()
     form = layer.adapters["default"].form
     x = layer_input()
-    def draw(seed):
-        torch.manual_seed(seed)
-        return torch.empty(6, dtype=torch.float64).bernoulli_(0.5) / 0.5
-
-    seed = next(s for s in range(100) if 0 < int((draw(s) != 0).sum()) < 6)  # prunes some, not all
-    keep = draw(seed)
+    seed, keep = rank_mask_draw(6, 0.5)  # prunes some, not all
     torch.manual_seed(seed)  # the forward draws the same mask
     out = layer(x)
     A, B = form.A.detach(), form.B.detach()

@@ -5,7 +5,7 @@ import torch
 
 import lorazoo
 from lorazoo.parts import Init
-from tiny import TinyNet, adapted, layer_input, perturb, train
+from tiny import TinyNet, adapted, layer_input, perturb, rank_mask_draw, train
 
 
 def rotate_rows(P):
@@ -113,12 +113,7 @@ def test_rank_mask_between_A_and_B():
     form, W0, b = _parts(model.fc2)
     x = layer_input()
 
-    def draw(seed):
-        torch.manual_seed(seed)
-        return torch.empty(6, dtype=torch.float64).bernoulli_(0.5) / 0.5
-
-    seed = next(s for s in range(100) if 0 < int((draw(s) != 0).sum()) < 6)
-    keep = draw(seed)
+    seed, keep = rank_mask_draw(6, 0.5)
     torch.manual_seed(seed)
     out = model.fc2(x)
     M = rotate_rows(form.B.detach() @ torch.diag(keep) @ form.A.detach())

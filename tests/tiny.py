@@ -105,3 +105,15 @@ def single_layer(form: str, in_features: int = 20, out_features: int = 24, rank:
     model = nn.Sequential(nn.Linear(in_features, out_features)).double()
     handle = lorazoo.adapt(model, lorazoo.AdapterSpec(form=form, rank=rank, targets=["0"], **kw))
     return model, handle, model[0]
+
+
+def rank_mask_draw(rank: int, p: float) -> tuple[int, torch.Tensor]:
+    """(seed, mask): a seed after which DropLoRA's forward draws a rank mask that keeps some but not
+    all of ``rank``, and that mask (Bernoulli(1 - p) / (1 - p), DropLoRA's rescaled mask).
+    ``torch.manual_seed(seed)`` just before the forward makes it draw the same mask."""
+    def draw(seed):
+        torch.manual_seed(seed)
+        return torch.empty(rank, dtype=torch.float64).bernoulli_(1 - p) / (1 - p)
+
+    seed = next(s for s in range(100) if 0 < int((draw(s) != 0).sum()) < rank)
+    return seed, draw(seed)

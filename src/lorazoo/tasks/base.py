@@ -13,14 +13,17 @@ A task knows its model, its data and its metric::
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import LorazooError
 from ..parts import check_number
+from ._util import seeded_split
 
 TASKS: dict[str, type["Task"]] = {}
 
@@ -35,6 +38,7 @@ class Task:
     modules_to_save: tuple = ()       # fresh heads, trained and saved with the adapter
     options: dict[str, Any] = {}      # option -> default (ints and floats are checked >= 0)
     run_defaults: dict[str, Any] = {}  # what `lorazoo train` uses for unset lr/epochs/batch_size/limit
+    default_limit: int | None = None  # training examples when limit is None (None: all)
 
     def __init__(self, *, limit: int | None = None, seed: int = 0, **options: Any):
         if limit is not None:
@@ -70,6 +74,25 @@ class Task:
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------
+    def n_examples(self) -> int:
+        """How many labelled examples the data has (tasks that use the shared seeded split)."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return seeded_split(self.n_examples(), int(self.opts["test_size"]), int(self.opts["split_seed"]),
+                            self.limit or self.default_limit)
+
+    @property
+    def train_indices(self) -> torch.Tensor:
+        """Training examples: the first ``limit`` of the non-test part of the ``split_seed`` permutation."""
+        return self._split[0]
+
+    @property
+    def test_indices(self) -> torch.Tensor:
+        """The held-out test split, fixed by the options ``test_size`` and ``split_seed``."""
+        return self._split[1]
+
     def calibration_batches(self, n_batches: int = 8, batch_size: int = 16) -> list[dict]:
         """A few training batches for data-driven inits (``adapt(..., calibration=...)``)."""
         return self.train_batches(batch_size, epoch=0)[:n_batches]

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import LorazooError
-from ._util import cache_dir, check_batch_size, quiet_transformers, seeded_split, shuffled
+from ._util import cache_dir, check_batch_size, quiet_transformers, shuffled
 from .base import Task, register_task
 from .sentiment import load_examples
 
@@ -151,6 +151,7 @@ class NLGSentimentTask(Task):
     modules_to_save = ()
     options = {"max_length": 48, "test_size": 200, "split_seed": 0, "eval_batch_size": 50, "max_new_tokens": 6}
     run_defaults = {"limit": DEFAULT_LIMIT, "batch_size": 8, "lr": 1e-3}
+    default_limit = DEFAULT_LIMIT
 
     def validate(self) -> None:
         if not 8 <= self.opts["max_length"] <= 512:
@@ -160,18 +161,8 @@ class NLGSentimentTask(Task):
         if self.opts["eval_batch_size"] < 1 or self.opts["max_new_tokens"] < 1:
             raise LorazooError("eval_batch_size and max_new_tokens must be >= 1")
 
-    @functools.cached_property
-    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return seeded_split(len(load_examples()[0]), int(self.opts["test_size"]), int(self.opts["split_seed"]),
-                            self.limit or DEFAULT_LIMIT)
-
-    @property
-    def train_indices(self) -> torch.Tensor:
-        return self._split[0]
-
-    @property
-    def test_indices(self) -> torch.Tensor:
-        return self._split[1]
+    def n_examples(self) -> int:
+        return len(load_examples()[0])
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
