@@ -36,6 +36,7 @@ def _check_ratios(result: dict, memory: bool) -> dict:
             assert r["overhead_mb"] > 0
             assert r["mem_vs_lora"] == pytest.approx(r["overhead_mb"] / lora["overhead_mb"])
             assert r["mem_vs_floor"] == pytest.approx(r["overhead_mb"] / floor["overhead_mb"])
+            assert r["saved_vs_lora"] == pytest.approx(r["saved_mb"] / lora["saved_mb"])
         else:
             assert r["mem_vs_lora"] is None
         assert r["fwd_vs_base"] == pytest.approx(r["fwd_s"] / floor["fwd_s"])
@@ -114,3 +115,14 @@ def test_ratios_and_report_without_memory():
 def test_summary():
     assert summary([3.0, 1.0, 2.0]) == (2.0, pytest.approx(0.5))
     assert summary(None) == (None, None)
+
+
+def test_saved_for_backward_counts_activations_not_parameters():
+    import torch
+    from torch import nn
+
+    from lorazoo.study.bench_mem import MB, saved_for_backward_mb
+
+    lin = nn.Linear(16, 32).double()  # its backward keeps the input x and its own weight
+    x = torch.randn(10, 16, dtype=torch.float64)
+    assert saved_for_backward_mb(lin, lambda: lin(x).sum().backward()) * MB == 10 * 16 * 8

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import SpecError
 from ..parts import Form
@@ -113,10 +114,19 @@ class LoKr(Form):
             return F.linear(self.rank_masked(X, mask), self.C)
         return self.rank_masked(F.linear(X, self.C), mask)  # C = I_r·C
 
+    def _update(self, x: torch.Tensor, mask) -> torch.Tensor:
+        X = x.reshape(-1, self.in_m, self.in_n)
+        out = torch.einsum("oi,tin->ton", self.P, self._times_ct(X, mask))  # one matmul over all rows
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x, y, weight, mask=None):
-        X = x.reshape(*x.shape[:-1], self.in_m, self.in_n)
-        out = torch.matmul(self.P, self._times_ct(X, mask))  # (..., out_m, out_n)
-        return y + out.reshape(*x.shape[:-1], self.out_features) * self.scale
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            # Recompute the update in backward instead of keeping X·Cᵀ (rows x in_m·out_n, as large
+            # as the input) for P's gradient: a few small matmuls buy back that memory.
+            out = checkpoint(self._update, x, mask, use_reentrant=False)
+        else:
+            out = self._update(x, mask)
+        return y + out * self.scale
 
     def full_c(self) -> torch.Tensor:
         return self.C if self.dense else self.B @ self.A

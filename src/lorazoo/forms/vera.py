@@ -83,7 +83,9 @@ class VeRA(Form):
     def forward(self, x, y, weight, mask=None):
         B, A = self.sliced()
         h = self.rank_masked(F.linear(x, A) * self.d, mask)
-        return y + F.linear(h, B) * (self.b * self.scale)
+        # b scales B's rows before the matmul: autograd then keeps h (tokens x r) for b's gradient,
+        # not the (tokens x out) product that b ⊙ (B h) would keep.
+        return y + F.linear(h, B * (self.b * self.scale)[:, None])
 
     def delta_weight(self, weight):
         B, A = self.sliced()

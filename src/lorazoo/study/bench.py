@@ -172,8 +172,7 @@ def add_ratios(rows: list[dict]) -> None:
     lora, floor = by_key[f"lorazoo:{REFERENCE}"], by_key[FLOOR.key]
     for r in rows:
         own = by_key.get(f"{r['impl']}:{REFERENCE}", lora)
-        for q in ("step_s", "overhead_mb"):
-            stem = "step" if q == "step_s" else "mem"
+        for q, stem in (("step_s", "step"), ("overhead_mb", "mem"), ("saved_mb", "saved")):
             r[f"{stem}_vs_lora"] = _ratio(r.get(q), lora.get(q))
             r[f"{stem}_vs_floor"] = _ratio(r.get(q), floor.get(q))
             r[f"{stem}_vs_own_lora"] = _ratio(r.get(q), own.get(q))

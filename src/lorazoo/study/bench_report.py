@@ -11,13 +11,15 @@ COLUMNS = (  # header, row key, format
     ("step ms", "step_s", "ms"), ("± IQR", "step_spread", "{:.0%}"),
     ("step ×LoRA", "step_vs_lora", "{:.2f}"), ("step ×floor", "step_vs_floor", "{:.2f}"),
     ("mem MB", "overhead_mb", "{:.0f}"), ("mem ×LoRA", "mem_vs_lora", "{:.2f}"),
-    ("mem ×floor", "mem_vs_floor", "{:.2f}"),
+    ("mem ×floor", "mem_vs_floor", "{:.2f}"), ("saved MB", "saved_mb", "{:.0f}"),
+    ("saved ×LoRA", "saved_vs_lora", "{:.2f}"),
     ("fwd ms", "fwd_s", "ms"), ("fwd ×base", "fwd_vs_base", "{:.2f}"),
     ("merged fwd ms", "fwd_merged_s", "ms"), ("merged ×base", "merged_fwd_vs_base", "{:.2f}"),
 )
 SIDE = (  # lorazoo vs PEFT: header, row key, which implementation's row
     ("step ×LoRA lorazoo", "step_vs_own_lora", "lorazoo"), ("step ×LoRA PEFT", "step_vs_own_lora", "peft"),
     ("mem ×LoRA lorazoo", "mem_vs_own_lora", "lorazoo"), ("mem ×LoRA PEFT", "mem_vs_own_lora", "peft"),
+    ("saved ×LoRA lorazoo", "saved_vs_own_lora", "lorazoo"), ("saved ×LoRA PEFT", "saved_vs_own_lora", "peft"),
 )
 
 
@@ -59,7 +61,9 @@ def markdown(result: dict) -> str:
     lines = ["# lorazoo bench", "", _setup_line(result), "",
              "×LoRA: ratio to lorazoo's LoRA. ×floor: ratio to the floor (frozen base, gradients to the "
              "inputs only; its forward is the base model's). mem: peak RSS overhead over the built base "
-             "model (VmHWM - VmRSS), fresh process per method. ± IQR: interquartile range of the step "
+             "model (VmHWM - VmRSS), fresh process per method; it moves by ±15 MB between runs with the allocator. "
+             "saved: the bytes autograd keeps for backward in one step, parameters excluded (exact, "
+             "repeatable). ± IQR: interquartile range of the step "
              "time over the median (noise).", ""]
     lines += _table([h for h, _, _ in COLUMNS],
                     [[_fmt(r.get(k), f) for _, k, f in COLUMNS] for r in result["rows"]])
@@ -67,11 +71,12 @@ def markdown(result: dict) -> str:
     if pairs:
         lines += ["", "## lorazoo vs PEFT", "",
                   "Each implementation against its own LoRA; the last columns compare the two directly.", ""]
-        header = ["method", *(h for h, _, _ in SIDE), "step PEFT / lorazoo", "mem PEFT / lorazoo"]
+        header = ["method", *(h for h, _, _ in SIDE), "step PEFT / lorazoo", "mem PEFT / lorazoo",
+                  "saved PEFT / lorazoo"]
         body = []
         for v, p in pairs.items():
             cells = [v, *(_fmt(p[impl].get(k), "{:.2f}") for _, k, impl in SIDE)]
-            for q in ("step_s", "overhead_mb"):
+            for q in ("step_s", "overhead_mb", "saved_mb"):
                 a, b = p["peft"].get(q), p["lorazoo"].get(q)
                 cells.append(_fmt(a / b if a is not None and b else None, "{:.2f}"))
             body.append(cells)
