@@ -8,10 +8,9 @@ import copy
 
 from .errors import StudyError
 
-# Sizing (measured): one sentiment trial with limit=512, max_length=48, test_size=500 takes ~42 s
-# on one thread (~20 s training, the rest loading and two evaluations), ~1 GB peak RSS; so the
-# quick suite's 20 variants x 6 lrs = 120 NLU trials take ~50 min with --workers 2 on 2 cores.
-# Its NLG/IC sweep (24 trials) was not timed: its tasks were written in parallel.
+# Sizing (measured): a sentiment trial of 32 steps (limit 512, batch 16) took ~30 s on one thread
+# but left most variants near chance (0.50-0.60): too few steps to compare anything. The quick
+# suite takes 96 steps (limit 768, batch 8), max_length 48, a 400-text test split.
 LRS_WIDE = [1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 LRS_FULL = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 LRS_FEW = [1e-4, 1e-3, 1e-2]
@@ -23,7 +22,7 @@ SUITES: dict[str, dict] = {
                        "on the NLU sentiment task, one seed; then 4 variants x 3 learning rates on NLG and IC.",
         "sweeps": [
             {"grid": {"task": ["sentiment"], "variant": "all", "lr": LRS_WIDE, "seed": [0]},
-             "fixed": {"epochs": 1, "limit": 512, "max_length": 48, "test_size": 500}},
+             "fixed": {"epochs": 1, "limit": 768, "batch_size": 8, "max_length": 48, "test_size": 400}},
             {"grid": {"task": ["nlg_sentiment"], "variant": SMALL_VARIANTS, "lr": LRS_FEW, "seed": [0]},
              "fixed": {"epochs": 1, "limit": 256}},
             {"grid": {"task": ["fashion"], "variant": SMALL_VARIANTS, "lr": LRS_FEW, "seed": [0]},
