@@ -288,6 +288,12 @@ def test_report_writes_tables_and_plots(tmp_path, capsys):
     assert "### Best learning rate and accuracy per variant" in text
     assert "| lora rank=8 | 0.001 | 0.9080 |" in text  # best lr of the synthetic curve
     assert "Loss AUC" in text and "split by rank" in text
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "trials.csv")))
+    assert len(rows) == len(trials) and {r["status"] for r in rows} == {"done"}
+    best = next(r for r in rows if r["variant"] == "lora" and '"rank": 8' in r["config"] and float(r["lr"]) == 1e-3)
+    assert float(best["metric"]) == pytest.approx(0.908, abs=5e-5)
 
 
 def test_report_refuses_a_missing_or_empty_study(tmp_path):

@@ -4,6 +4,7 @@ training-loss curve (LoRMA's convergence measure; lower converges faster).
 """
 from __future__ import annotations
 
+import csv
 import math
 import re
 import statistics
@@ -171,8 +172,25 @@ def plots(trials: list[dict], out_dir: Path) -> dict:
     return images
 
 
+CSV_FIELDS = ("task", "variant", "lr", "seed", "status", "metric_name", "metric", "metric_before", "loss_auc",
+              "wall_seconds", "train_seconds", "peak_rss_mb", "trainable_params", "attempts", "error", "config")
+
+
+def write_csv(trials: list[dict], path: Path) -> None:
+    """Every trial as one row (its full config as JSON in the last column): the study file, exported."""
+    import json
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for t in trials:
+            row = {**t, "loss_auc": loss_auc(t.get("losses")) if t["status"] == "done" else None,
+                   "config": json.dumps(t["config"], sort_keys=True)}
+            w.writerow(["" if row.get(k) is None else row.get(k) for k in CSV_FIELDS])
+
+
 def report(db: str, out_dir: str | None = None, *, study: str | None = None, with_plots: bool = True) -> str:
-    """Write ``report.md`` (and PNG plots) for a study file into ``out_dir``; return the Markdown."""
+    """Write ``report.md``, ``trials.csv`` (and PNG plots) for a study file into ``out_dir``; return the Markdown."""
     if not Path(db).is_file():
         raise StudyError(f"no study file at {db!r}")
     with Store(db, create=False) as store:
@@ -186,4 +204,5 @@ def report(db: str, out_dir: str | None = None, *, study: str | None = None, wit
     images = plots(trials, out) if with_plots else None
     text = markdown(info, trials, counts, images)
     (out / "report.md").write_text(text)
+    write_csv(trials, out / "trials.csv")
     return text
