@@ -138,7 +138,7 @@ def test_triplet_importance_by_hand():
     net = nn.Sequential(nn.Linear(3, 2)).double()
     b1, b2 = 0.7, 0.6
     handle = lorazoo.adapt(net, lorazoo.AdapterSpec(
-        form="adalora", schedule="adalora", rank=2, targets=["0"], adalora_beta1=b1, adalora_beta2=b2))
+        form="adalora", schedule="adalora", rank=2, targets=["0"], adalora_beta1=b1, adalora_beta2=b2, adalora_total_steps=100))
     perturb(handle)
     form = net[0].adapters["default"].form
     params = {"P": form.P, "lam": form.lam, "Q": form.Q}
@@ -219,7 +219,9 @@ def test_rank_mask_is_saved(tmp_path):
     (dict(adalora_init_rank=2, adalora_target_rank=3), "adalora_target_rank"),
     (dict(adalora_beta1=1.0), "adalora_beta1"),
     (dict(adalora_beta2=0), "adalora_beta2"),
-    (dict(adalora_total_steps=150), "adalora_total_steps"),
+    (dict(adalora_total_steps=150, adalora_warmup_steps=100, adalora_final_steps=50), "adalora_warmup_steps"),
+    (dict(adalora_warmup_steps=1.5), "adalora_warmup_steps"),
+    (dict(adalora_total_steps=0), "adalora_total_steps"),
     (dict(adalora_interval=0), "adalora_interval"),
     (dict(adalora_orth_reg=-1), "adalora_orth_reg"),
     (dict(adalora_target_rank=1.5), "adalora_target_rank"),
@@ -235,3 +237,22 @@ def test_initial_budget_below_the_rank():
     kept = []
     _train(handle, model, 2, lambda step: kept.append(sum(int(f.rank_mask.sum()) for f in forms)))
     assert kept == [4 * 2, 2 * 2]  # every triplet until the first masking step (t=2), then b0 = 2 x 2 layers
+
+
+def test_the_run_length_comes_from_plan_and_fractions_scale_with_it():
+    model = TinyNet()
+    handle = lorazoo.adapt(model, lorazoo.AdapterSpec.preset("adalora", rank=6, targets=["fc1", "fc2"]))
+    x, y = tiny_data()
+    opt = torch.optim.AdamW(handle.param_groups(1e-2))
+    model(x=x, labels=y).loss.backward()
+    with pytest.raises(lorazoo.LorazooError, match="handle.plan"):
+        handle.before_step(opt)  # nothing has stepped yet
+    handle.plan(50)
+    sched = handle.schedule
+    assert (sched.total, sched.t_init, sched.t_final) == (50, 5, 15)  # defaults: 10 % warm-up, 30 % final
+    from lorazoo.schedules.adalora import resolve_steps
+
+    with pytest.raises(lorazoo.SpecError, match="train longer"):
+        resolve_steps({"adalora_total_steps": None, "adalora_warmup_steps": 5, "adalora_final_steps": 5}, 8)
+    with pytest.raises(lorazoo.LorazooError, match="total_steps"):
+        handle.plan(0)

@@ -44,6 +44,7 @@ def train(model, handle, steps: int = 30, lr: float = 1e-2, data=None) -> list[f
     """A plain loop through the handle's hooks; returns the losses."""
     x, y = data or tiny_data()
     opt = torch.optim.AdamW(handle.param_groups(lr))
+    handle.plan(steps)
     base_lrs = [g["lr"] for g in opt.param_groups]
     losses = []
     model.train()

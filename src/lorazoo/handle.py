@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import LorazooError
 from .layer import Adapter, AdaptedLayer
+from .parts import check_number
 from .spec import AdapterSpec
 
 _HANDLES = "_lorazoo_handles"
@@ -78,6 +79,12 @@ class AdapterHandle:
         if aux is None:
             return torch.zeros((), device=next(iter(self.trainable_parameters()), torch.zeros(())).device)
         return aux
+
+    def plan(self, total_steps: int) -> None:
+        """Tell the schedule how many optimizer steps the run takes (lorazoo's trainer does this).
+        AdaLoRA needs it unless its spec sets ``adalora_total_steps``."""
+        check_number("total_steps", total_steps, minimum=1, integer=True)
+        self.schedule.plan(int(total_steps))
 
     def before_step(self, optimizer) -> None:
         """Gradient transforms, after backward and before ``optimizer.step()`` (LoRA-Pro).

@@ -189,6 +189,9 @@ class Schedule(Part):
     def aux_loss(self, handle: "AdapterHandle") -> torch.Tensor | None:
         return None
 
+    def plan(self, total_steps: int) -> None:
+        """The run will take ``total_steps`` optimizer steps (AdaLoRA sizes its budget schedule)."""
+
     def before_step(self, handle: "AdapterHandle", optimizer) -> None:
         """Called after backward and before ``optimizer.step()``, with the raw gradients (AdaLoRA's
         sensitivities), before the optim part transforms them."""

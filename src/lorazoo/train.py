@@ -134,6 +134,7 @@ class Trainer:
         plan = self.plan(len(first))
         total = sum(math.ceil(n / self.accumulation) for _, n in plan)
         warm = self.warmup_steps(total)
+        self.handle.plan(total)  # schedules sized by the run (AdaLoRA's budget)
         bar = _progress_bar(total, self.progress)
         try:
             for epoch, n in plan:

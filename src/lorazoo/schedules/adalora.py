@@ -26,6 +26,19 @@ def budget(t: int, b0: int, bT: int, t_init: int, t_final: int, total: int) -> i
     return bT + int((b0 - bT) * (1 - (t - t_init) / (total - t_init - t_final)) ** 3)
 
 
+def resolve_steps(opts: dict, total: int) -> tuple[int, int, int]:
+    """(T, t_i, t_f) in steps for a run of ``total`` steps (adalora_total_steps wins when set);
+    warmup and final steps below 1 are fractions of T. SpecError when no step is left to decay over."""
+    T = opts["adalora_total_steps"] or total
+    ti, tf = (int(round(v * T)) if v < 1 else int(v)
+              for v in (opts["adalora_warmup_steps"], opts["adalora_final_steps"]))
+    if T <= ti + tf:
+        raise SpecError(
+            f"AdaLoRA's run of {T} steps must exceed adalora_warmup_steps + adalora_final_steps ({ti} + {tf}) "
+            f"so the budget has steps to decay over; train longer or lower those two options")
+    return T, ti, tf
+
+
 def default_target_rank(init_rank: int) -> int:
     """Two thirds of the initial rank: the paper's "initial rank 1.5 times the final average"
     (PEFT's defaults init_r=12, target_r=8)."""
@@ -48,16 +61,18 @@ class AdaLoRASchedule(Schedule):
     - aux_loss: adalora_orth_reg · Σ_layers (‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) (Eq. 35-36).
 
     Budgets: b(0) = adalora_init_rank (default: the rank) × layers, b(T) = adalora_target_rank
-    (default: 2/3 of the initial rank) × layers; T = adalora_total_steps, t_i, t_f the warmup and
-    final steps. The smoothed scores live here, not in the saved adapter (as in PEFT).
+    (default: 2/3 of the initial rank) × layers; T = adalora_total_steps (default: the run's length,
+    from ``handle.plan(total_steps)``, which lorazoo's trainer calls), t_i and t_f the warmup and
+    final steps: a count, or below 1 a fraction of T (defaults 0.1 and 0.3). The smoothed scores
+    live here, not in the saved adapter (as in PEFT).
     """
 
     options = {
         "adalora_init_rank": None,
         "adalora_target_rank": None,
-        "adalora_total_steps": 1000,
-        "adalora_warmup_steps": 100,
-        "adalora_final_steps": 100,
+        "adalora_total_steps": None,
+        "adalora_warmup_steps": 0.1,
+        "adalora_final_steps": 0.3,
         "adalora_interval": 10,
         "adalora_beta1": 0.85,
         "adalora_beta2": 0.85,
@@ -69,20 +84,21 @@ class AdaLoRASchedule(Schedule):
         for key in ("adalora_init_rank", "adalora_target_rank"):
             if opts[key] is not None:
                 check_number(key, opts[key], minimum=1, integer=True)
-        check_number("adalora_total_steps", opts["adalora_total_steps"], minimum=1, integer=True)
-        check_number("adalora_warmup_steps", opts["adalora_warmup_steps"], integer=True)
-        check_number("adalora_final_steps", opts["adalora_final_steps"], integer=True)
+        if opts["adalora_total_steps"] is not None:
+            check_number("adalora_total_steps", opts["adalora_total_steps"], minimum=1, integer=True)
+        for key in ("adalora_warmup_steps", "adalora_final_steps"):
+            check_number(key, opts[key])
+            if opts[key] >= 1 and opts[key] != int(opts[key]):
+                raise SpecError(f"{key} is a step count (an integer) or a fraction of the run below 1, "
+                                f"got {opts[key]!r}")
         check_number("adalora_interval", opts["adalora_interval"], minimum=1, integer=True)
         for key in ("adalora_beta1", "adalora_beta2"):
             check_number(key, opts[key], strict=True)
             if opts[key] >= 1:
                 raise SpecError(f"{key} must be < 1 (an EMA coefficient), got {opts[key]!r}")
         check_number("adalora_orth_reg", opts["adalora_orth_reg"])
-        T, ti, tf = opts["adalora_total_steps"], opts["adalora_warmup_steps"], opts["adalora_final_steps"]
-        if T <= ti + tf:
-            raise SpecError(
-                f"adalora_total_steps ({T}) must exceed adalora_warmup_steps + adalora_final_steps "
-                f"({ti} + {tf}) so the budget has steps to decay over; raise the total or lower the others")
+        if opts["adalora_total_steps"] is not None:
+            resolve_steps(opts, opts["adalora_total_steps"])
 
     @classmethod
     def check_form(cls, form_cls):
@@ -105,8 +121,9 @@ class AdaLoRASchedule(Schedule):
     def __init__(self, spec):
         super().__init__(spec)
         o = spec.options
-        self.total, self.t_init, self.t_final = (o["adalora_total_steps"], o["adalora_warmup_steps"],
-                                                 o["adalora_final_steps"])
+        self.total = self.t_init = self.t_final = None  # set from the options or by plan()
+        if o["adalora_total_steps"] is not None:
+            self.plan(o["adalora_total_steps"])
         self.interval, self.beta1, self.beta2 = o["adalora_interval"], o["adalora_beta1"], o["adalora_beta2"]
         self.init_rank = o["adalora_init_rank"] or spec.rank
         self.target_rank = o["adalora_target_rank"] or default_target_rank(self.init_rank)
@@ -114,6 +131,9 @@ class AdaLoRASchedule(Schedule):
         self.step = 0  # the last step seen by after_step
 
     # --- budget -------------------------------------------------------------------------------
+    def plan(self, total_steps: int) -> None:
+        self.total, self.t_init, self.t_final = resolve_steps(self.spec.options, total_steps)
+
     def budgets(self, forms: list[AdaLoRA]) -> tuple[int, int]:
         """(b0, b_T) in triplets, summed over the adapter's layers."""
         total = sum(f.rank for f in forms)
@@ -133,7 +153,14 @@ class AdaLoRASchedule(Schedule):
 
     # --- importance -----------------------------------------------------------------------------
     @torch.no_grad()
+    def _require_plan(self) -> None:
+        if self.total is None:
+            raise LorazooError(
+                "AdaLoRA's budget schedule needs the length of the run: set adalora_total_steps=N in the "
+                "spec, or call handle.plan(total_steps=N) before training (lorazoo's trainer does)")
+
     def before_step(self, handle, optimizer):
+        self._require_plan()
         if self.step + 1 > self.total - self.t_final:
             return  # the final pattern is fixed: no more scores needed
         for path, ad in handle.adapters().items():
@@ -158,6 +185,7 @@ class AdaLoRASchedule(Schedule):
     # --- masking --------------------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self, handle, optimizer, step):
+        self._require_plan()
         self.step = step
         adapters = handle.adapters()
         forms = [ad.form for ad in adapters.values()]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import LorazooError
-from .bench_runner import BenchConfig, Method, Runner
+from .bench_runner import ADALORA_STEPS, BenchConfig, Method, Runner
 
 _LORA_INITS = {"default": True, "pissa": "pissa"}  # lorazoo init -> PEFT init_lora_weights
 _SCHEDULES = {"lora": "none", "dora": "none", "loha": "none", "lokr": "none", "vera": "none",
@@ -76,13 +76,15 @@ def peft_equivalent(spec, cfg: BenchConfig) -> tuple[Any, str | None]:
                                d_initial=_opt(spec, "vera_d_init", 0.1)), None
     # AdaLoRA: the schedule's options map one to one (lorazoo's defaults: the initial rank is the
     # rank, the target rank 2/3 of it).
+    from ..schedules.adalora import resolve_steps
+
     init_r = _opt(spec, "adalora_init_rank", spec.rank)
+    total, t_init, t_final = resolve_steps(spec.options, ADALORA_STEPS)
     del common["r"]
     return peft.AdaLoraConfig(
         **common, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_r=init_r,
         target_r=_opt(spec, "adalora_target_rank", max(1, round(2 * init_r / 3))),
-        total_step=_opt(spec, "adalora_total_steps", 1000), tinit=_opt(spec, "adalora_warmup_steps", 0),
-        tfinal=_opt(spec, "adalora_final_steps", 0), deltaT=_opt(spec, "adalora_interval", 1),
+        total_step=total, tinit=t_init, tfinal=t_final, deltaT=_opt(spec, "adalora_interval", 1),
         beta1=_opt(spec, "adalora_beta1", 0.85), beta2=_opt(spec, "adalora_beta2", 0.85),
         orth_reg_weight=_opt(spec, "adalora_orth_reg", 0.5),
     ), None

@@ -18,6 +18,7 @@ from ..errors import SpecError
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMPLS = ("floor", "lorazoo", "peft")
+ADALORA_STEPS = 1000  # the run length schedules are planned for (AdaLoRA's budget), both implementations
 
 
 @dataclass
@@ -164,6 +165,7 @@ def _lorazoo_runner(method: Method, cfg: BenchConfig, model: nn.Module, batch: d
     from ..adapt import adapt
 
     handle = adapt(model, method.adapter_spec(), calibration=[batch])
+    handle.plan(ADALORA_STEPS)
     opt = torch.optim.AdamW(handle.param_groups(cfg.lr))
     base_lrs = [g["lr"] for g in opt.param_groups]
     state = {"step": 0}
