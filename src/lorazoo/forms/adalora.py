@@ -46,8 +46,8 @@ class AdaLoRA(Form):
         return self.lam * self.rank_mask
 
     def forward(self, x, y, weight, mask=None):
-        h = self.rank_masked(F.linear(x, self.Q) * self.singular_values(), mask)
-        return y + F.linear(h, self.P) * self.scale
+        h = self.rank_masked(F.linear(x, self.Q) * (self.singular_values() * self.scale), mask)
+        return y + F.linear(h, self.P)
 
     def delta_weight(self, weight):
         return (self.P * self.singular_values()) @ self.Q * self.scale

@@ -65,4 +65,4 @@ class HydraLoRA(Form):
     def forward(self, x, y, weight, mask=None):
         h = self.rank_masked(F.linear(x, self.A), mask)                # (..., r)
         mixed = (self.gates(x).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (..., k·r)
-        return y + F.linear(mixed, self.B) * self.scale
+        return y + F.linear(mixed * self.scale, self.B)

@@ -53,7 +53,7 @@ class LoHA(Form):
     def forward(self, x, y, weight, mask=None):
         B, A = self.khatri_rao()
         pair_mask = None if mask is None else (mask[:, None] * mask[None, :]).reshape(-1)
-        return y + F.linear(self.rank_masked(F.linear(x, A), pair_mask), B) * self.scale
+        return y + F.linear(self.rank_masked(F.linear(x, A), pair_mask) * self.scale, B)
 
     def delta_weight(self, weight):
         return (self.B1 @ self.A1) * (self.B2 @ self.A2) * self.scale

@@ -116,7 +116,7 @@ class LoKr(Form):
 
     def _update(self, x: torch.Tensor, mask) -> torch.Tensor:
         X = x.reshape(-1, self.in_m, self.in_n)
-        out = torch.einsum("oi,tin->ton", self.P, self._times_ct(X, mask))  # one matmul over all rows
+        out = torch.einsum("oi,tin->ton", self.P * self.scale, self._times_ct(X, mask))  # one matmul, all rows
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x, y, weight, mask=None):
@@ -126,7 +126,7 @@ class LoKr(Form):
             out = checkpoint(self._update, x, mask, use_reentrant=False)
         else:
             out = self._update(x, mask)
-        return y + out * self.scale
+        return y + out
 
     def full_c(self) -> torch.Tensor:
         return self.C if self.dense else self.B @ self.A

@@ -34,7 +34,8 @@ class LoRA(Form):
 
     def delta(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """s·B(M ⊙ A x), the additive update applied to ``x``."""
-        return F.linear(self.rank_masked(F.linear(x, self.A), mask), self.B) * self.scale
+        # s multiplies the (tokens x r) activations, not the (tokens x out) result: one pass less.
+        return F.linear(self.rank_masked(F.linear(x, self.A), mask) * self.scale, self.B)
 
     def forward(self, x, y, weight, mask=None):
         return y + self.delta(x, mask)

@@ -65,7 +65,7 @@ class MoSLoRA(LoRA):
             self.M.copy_(torch.eye(self.rank, dtype=self.M.dtype, device=self.M.device))
 
     def delta(self, x, mask):
-        return F.linear(F.linear(self.rank_masked(F.linear(x, self.A), mask), self.M), self.B) * self.scale
+        return F.linear(F.linear(self.rank_masked(F.linear(x, self.A), mask), self.M) * self.scale, self.B)
 
     def delta_weight(self, weight):
         return (self.B @ self.M @ self.A) * self.scale
