@@ -318,3 +318,14 @@ def test_suites_are_valid_study_configs():
         validate(suite(name), known_tasks=["sentiment", "bbc", "nlg_sentiment", "fashion"])
     with pytest.raises(StudyError, match="unknown suite 'nope'; suites: "):
         suite("nope")
+
+
+def test_report_splits_lines_only_by_axes_that_vary_within_a_task():
+    from lorazoo.study.report import summarize
+
+    def t(task, limit):
+        return {"status": "done", "config": {"task": task, "variant": "lora", "lr": 1e-3, "seed": 0, "limit": limit}}
+
+    s = summarize([t("a", 512), t("b", 256), t("b", 128)])
+    assert s["extra_axes"] == {"a": [], "b": ["limit"]}
+    assert set(s["tasks"]["a"]) == {"lora"} and set(s["tasks"]["b"]) == {"lora limit=256", "lora limit=128"}

@@ -46,12 +46,15 @@ def series_label(cfg: dict, extra_axes: list[str]) -> str:
 def summarize(trials: list[dict]) -> dict:
     """Per task: per series (variant + varying axes): per lr the seeds' metrics, AUCs, curves."""
     done = [t for t in trials if t["status"] == "done"]
-    keys = {k for t in done for k in t["config"]} - set(FIXED_AXES)
-    extra = sorted(k for k in keys if len({repr(t["config"].get(k)) for t in done}) > 1)
+    extra: dict[str, list[str]] = {}  # per task: the other axes its trials vary
+    for task in {t["config"]["task"] for t in done}:
+        mine = [t for t in done if t["config"]["task"] == task]
+        keys = {k for t in mine for k in t["config"]} - set(FIXED_AXES)
+        extra[task] = sorted(k for k in keys if len({repr(t["config"].get(k)) for t in mine}) > 1)
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for t in done:
         cfg = t["config"]
-        out[cfg["task"]][series_label(cfg, extra)][float(cfg["lr"])].append(t)
+        out[cfg["task"]][series_label(cfg, extra[cfg["task"]])][float(cfg["lr"])].append(t)
     return {"extra_axes": extra, "tasks": out}
 
 
@@ -93,12 +96,18 @@ def markdown(study: dict, trials: list[dict], counts: dict, images: dict | None 
     metric = next((t["metric_name"] for t in trials if t.get("metric_name")), "metric")
     parts = [f"# Study `{study['name']}`", "",
              "Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ".", ""]
-    if s["extra_axes"]:
-        parts += [f"Lines are variants split by {', '.join(s['extra_axes'])}.", ""]
     for task, series in sorted(s["tasks"].items()):
         lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
         rows = best_rows(series)
-        parts += [f"## {task}", "", f"### Best learning rate and {metric} per variant", "",
+        first = next(t for by_lr in series.values() for ts in by_lr.values() for t in ts)
+        fixed = {k: v for k, v in sorted(first["config"].items())
+                 if k not in FIXED_AXES and k not in s["extra_axes"][task]}
+        parts += [f"## {task}", ""]
+        if fixed:
+            parts += ["Every trial: " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ".", ""]
+        if s["extra_axes"][task]:
+            parts += [f"Lines are variants split by {', '.join(s['extra_axes'][task])}.", ""]
+        parts += [f"### Best learning rate and {metric} per variant", "",
                   _table(["variant", "best lr", metric, "sd", "seeds", "before", "loss AUC", "wall s",
                           "peak MB", "trainable"],
                          [[r["series"], f"{r['best_lr']:g}", _fmt(r["metric"]), _fmt(r["sd"]), str(r["seeds"]),
