@@ -6,7 +6,6 @@ import json
 import platform
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch

@@ -4,9 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import SpecError
 from ..parts import Form
@@ -59,8 +57,8 @@ class LoKr(Form):
     Init as LyCORIS: P and A Kaiming-uniform, B zero (dense C zero), so ΔW = P ⊗ 0 = 0.
     PEFT's LoKr zeroes P instead; with P = 0 only P gets a gradient on the first step.
 
-    Forward: x viewed as X (in_m, in_n) gives (P ⊗ C) x = vec(P X Cᵀ): two small matmuls, never
-    the Kronecker product. rank(ΔW) = rank(P)·rank(C) <= min(out_m, in_m)·r.
+    Forward: x viewed as X (in_m, in_n) gives (P ⊗ C) x = vec(P X Cᵀ), with C = B·A formed first
+    (out_n x in_n): one contraction over all rows, never the Kronecker product. rank(ΔW) = rank(P)·rank(C) <= min(out_m, in_m)·r.
     """
 
     options = {"lokr_factor": -1}
@@ -106,27 +104,19 @@ class LoKr(Form):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             nn.init.zeros_(self.B)
 
-    def _times_ct(self, X: torch.Tensor, mask) -> torch.Tensor:
-        """X Cᵀ (..., in_m, out_n), the rank mask on C's rank dim."""
+    def masked_c(self, mask) -> torch.Tensor:
+        """C (out_n, in_n) with the rank mask on its rank dim: B·diag(m)·A, or the dense C's side."""
         if not self.dense:
-            return F.linear(self.rank_masked(F.linear(X, self.A), mask), self.B)
-        if self.C.shape[1] == self.rank:  # C = C·I_r: the rank dim is C's input side
-            return F.linear(self.rank_masked(X, mask), self.C)
-        return self.rank_masked(F.linear(X, self.C), mask)  # C = I_r·C
-
-    def _update(self, x: torch.Tensor, mask) -> torch.Tensor:
-        X = x.reshape(-1, self.in_m, self.in_n)
-        out = torch.einsum("oi,tin->ton", self.P * self.scale, self._times_ct(X, mask))  # one matmul, all rows
-        return out.reshape(*x.shape[:-1], self.out_features)
+            return self.rank_masked(self.B, mask) @ self.A
+        if mask is None:
+            return self.C
+        return self.C * mask if self.C.shape[1] == self.rank else self.C * mask[:, None]
 
     def forward(self, x, y, weight, mask=None):
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            # Recompute the update in backward instead of keeping X·Cᵀ (rows x in_m·out_n, as large
-            # as the input) for P's gradient: a few small matmuls buy back that memory.
-            out = checkpoint(self._update, x, mask, use_reentrant=False)
-        else:
-            out = self._update(x, mask)
-        return y + out
+        X = x.reshape(-1, self.in_m, self.in_n)
+        # vec(P X Cᵀ), C formed first (out_n x in_n, tiny): one contraction over all rows, never P ⊗ C.
+        out = torch.einsum("oi,tij,nj->ton", self.P * self.scale, X, self.masked_c(mask))
+        return y + out.reshape(*x.shape[:-1], self.out_features)
 
     def full_c(self) -> torch.Tensor:
         return self.C if self.dense else self.B @ self.A
