@@ -15,6 +15,7 @@ from .errors import StudyError
 from .store import Store
 
 FIXED_AXES = ("task", "variant", "lr", "seed")
+LINESTYLES = ("-", "--", ":")
 
 
 def loss_auc(losses: list[float] | None) -> float:
@@ -145,15 +146,16 @@ def plots(trials: list[dict], out_dir: Path) -> dict:
     images = {}
     for task, series in sorted(s["tasks"].items()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, by_lr in sorted(series.items()):
+        for i, (name, by_lr) in enumerate(sorted(series.items())):
+            style = {"linestyle": LINESTYLES[i // 10 % len(LINESTYLES)]}  # colours repeat after 10
             lrs = sorted(by_lr)
             ys = [_mean([t["metric"] for t in by_lr[lr]]) for lr in lrs]
             sds = [_sd([t["metric"] for t in by_lr[lr]]) for lr in lrs]
             if any(math.isfinite(x) for x in sds):
                 ax.errorbar(lrs, ys, yerr=[x if math.isfinite(x) else 0 for x in sds], marker="o", capsize=3,
-                            label=name)
+                            label=name, **style)
             else:
-                ax.plot(lrs, ys, marker="o", label=name)
+                ax.plot(lrs, ys, marker="o", label=name, **style)
         ax.set(xscale="log", xlabel="learning rate", ylabel=metric, title=f"{task}: {metric} against learning rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncol=2)
@@ -164,12 +166,12 @@ def plots(trials: list[dict], out_dir: Path) -> dict:
         images[(task, "metric_vs_lr")] = name
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for row in best_rows(series):
+        for i, row in enumerate(best_rows(series)):
             ts = series[row["series"]][row["best_lr"]]
             curve = next((t["losses"] for t in ts if t["losses"]), None)
             if curve:
                 ax.plot(range(1, len(curve) + 1), curve, lw=1, alpha=0.85,
-                        label=f"{row['series']} (lr {row['best_lr']:g})")
+                        linestyle=LINESTYLES[i // 10 % len(LINESTYLES)], label=f"{row['series']} (lr {row['best_lr']:g})")
         ax.set(xlabel="step", ylabel="training loss", title=f"{task}: loss at each variant's best lr")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncol=2)
