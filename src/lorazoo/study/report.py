@@ -87,6 +87,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _save(fig, ax, path: Path) -> str:
+    """Grid, legend, tight layout, write ``path`` as PNG, close; return the file name."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "task"
 
@@ -157,13 +169,7 @@ def plots(trials: list[dict], out_dir: Path) -> dict:
             else:
                 ax.plot(lrs, ys, marker="o", label=name, **style)
         ax.set(xscale="log", xlabel="learning rate", ylabel=metric, title=f"{task}: {metric} against learning rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", ncol=2)
-        name = f"metric_vs_lr_{_slug(task)}.png"
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        images[(task, "metric_vs_lr")] = name
+        images[(task, "metric_vs_lr")] = _save(fig, ax, out_dir / f"metric_vs_lr_{_slug(task)}.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, row in enumerate(best_rows(series)):
@@ -173,13 +179,7 @@ def plots(trials: list[dict], out_dir: Path) -> dict:
                 ax.plot(range(1, len(curve) + 1), curve, lw=1, alpha=0.85,
                         linestyle=LINESTYLES[i // 10 % len(LINESTYLES)], label=f"{row['series']} (lr {row['best_lr']:g})")
         ax.set(xlabel="step", ylabel="training loss", title=f"{task}: loss at each variant's best lr")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", ncol=2)
-        name = f"loss_{_slug(task)}.png"
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        images[(task, "loss")] = name
+        images[(task, "loss")] = _save(fig, ax, out_dir / f"loss_{_slug(task)}.png")
     return images
 
 
