@@ -58,7 +58,8 @@ class LoKr(Form):
     PEFT's LoKr zeroes P instead; with P = 0 only P gets a gradient on the first step.
 
     Forward: x viewed as X (in_m, in_n) gives (P ⊗ C) x = vec(P X Cᵀ), with C = B·A formed first
-    (out_n x in_n): one contraction over all rows, never the Kronecker product. rank(ΔW) = rank(P)·rank(C) <= min(out_m, in_m)·r.
+    (out_n x in_n): one contraction over all rows, never the Kronecker product.
+    rank(ΔW) = rank(P)·rank(C) <= min(out_m, in_m)·r.
     """
 
     options = {"lokr_factor": -1}
