@@ -5,6 +5,7 @@ training-loss curve (LoRMA's convergence measure; lower converges faster).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import statistics
@@ -87,6 +88,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _linestyle(i: int) -> str:
+    """Line style of the i-th line: matplotlib's colours repeat after 10, so the style changes."""
+    return LINESTYLES[i // 10 % len(LINESTYLES)]
+
+
 def _save(fig, ax, path: Path) -> str:
     """Grid, legend, tight layout, write ``path`` as PNG, close; return the file name."""
     import matplotlib.pyplot as plt
@@ -159,7 +165,7 @@ def plots(trials: list[dict], out_dir: Path) -> dict:
     for task, series in sorted(s["tasks"].items()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (name, by_lr) in enumerate(sorted(series.items())):
-            style = {"linestyle": LINESTYLES[i // 10 % len(LINESTYLES)]}  # colours repeat after 10
+            style = {"linestyle": _linestyle(i)}
             lrs = sorted(by_lr)
             ys = [_mean([t["metric"] for t in by_lr[lr]]) for lr in lrs]
             sds = [_sd([t["metric"] for t in by_lr[lr]]) for lr in lrs]
@@ -177,7 +183,7 @@ def plots(trials: list[dict], out_dir: Path) -> dict:
             curve = next((t["losses"] for t in ts if t["losses"]), None)
             if curve:
                 ax.plot(range(1, len(curve) + 1), curve, lw=1, alpha=0.85,
-                        linestyle=LINESTYLES[i // 10 % len(LINESTYLES)], label=f"{row['series']} (lr {row['best_lr']:g})")
+                        linestyle=_linestyle(i), label=f"{row['series']} (lr {row['best_lr']:g})")
         ax.set(xlabel="step", ylabel="training loss", title=f"{task}: loss at each variant's best lr")
         images[(task, "loss")] = _save(fig, ax, out_dir / f"loss_{_slug(task)}.png")
     return images
@@ -189,8 +195,6 @@ CSV_FIELDS = ("task", "variant", "lr", "seed", "status", "metric_name", "metric"
 
 def write_csv(trials: list[dict], path: Path) -> None:
     """Every trial as one row (its full config as JSON in the last column): the study file, exported."""
-    import json
-
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
