@@ -74,11 +74,15 @@ class AdapterHandle:
         return self.optim.param_groups(self, lr, weight_decay)
 
     def aux_loss(self) -> torch.Tensor:
-        """Auxiliary loss to add to the task loss (AdaLoRA's orthogonality term); 0 if none."""
-        aux = self.schedule.aux_loss(self)
-        if aux is None:
+        """Auxiliary loss to add to the task loss: the schedule's (AdaLoRA's orthogonality term)
+        plus every layer's form term from its last forward (routers' balancing losses); 0 if none."""
+        terms = [self.schedule.aux_loss(self)]
+        if self.model.training:
+            terms += [ad.form.aux_loss() for ad in self.adapters().values()]
+        terms = [t for t in terms if t is not None]
+        if not terms:
             return torch.zeros((), device=next(iter(self.trainable_parameters()), torch.zeros(())).device)
-        return aux
+        return torch.stack([t.reshape(()) for t in terms]).sum() if len(terms) > 1 else terms[0]
 
     def plan(self, total_steps: int) -> None:
         """Tell the schedule how many optimizer steps the run takes (lorazoo's trainer does this).

@@ -123,6 +123,14 @@ class Form(nn.Module, Part):
     def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
         return None
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """This layer's auxiliary loss from its last forward (a router's balancing loss), or None.
+
+        ``handle.aux_loss()`` adds every layer's term to the schedule's; the trainer adds the sum
+        to the task loss.
+        """
+        return None
+
     def after_factor_init(self, weight: torch.Tensor) -> None:
         """Hook after an init part set the factors and possibly shifted the base (DoRA's magnitude).
 

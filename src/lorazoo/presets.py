@@ -53,4 +53,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
        form="hydralora"),
     _p("lora_pro", "LoRA-Pro: gradient alignment with full fine-tuning", "II-C2", "optim",
        "study Eq. 77-84 [25]", optim="lora_pro"),
+    # --- Tier 2: structured forms (hira, melora, delora)
+    # --- Tier 2: shared banks (rasa, denselora, randlora)
+    # --- Tier 2: inits (nzlora, olora, lora_one)
+    # --- Tier 2: corda
+    # --- Tier 2: routed experts (loramoe, goat)
+    # --- Tier 2: nonlinear forms (aurora, loran)
 ]}
