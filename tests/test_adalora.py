@@ -256,3 +256,11 @@ def test_the_run_length_comes_from_plan_and_fractions_scale_with_it():
         resolve_steps({"adalora_total_steps": None, "adalora_warmup_steps": 5, "adalora_final_steps": 5}, 8)
     with pytest.raises(lorazoo.LorazooError, match="total_steps"):
         handle.plan(0)
+
+
+def test_preset_scale_is_the_authors_alpha_over_r_plus_1e5():
+    spec = lorazoo.AdapterSpec.preset("adalora", rank=6, alpha=12, targets=["fc1", "fc2"])
+    handle = lorazoo.adapt(TinyNet(), spec)
+    form = next(iter(handle.adapters().values())).form
+    assert form.scale == pytest.approx(12 / (6 + 1e-5), rel=1e-12)
+    assert form.scale != pytest.approx(12 / 6, rel=1e-7)  # not plain alpha / r

@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lorazoo
 from lorazoo import AdapterSpec, LoadError, SpecError, TargetError
@@ -124,12 +126,50 @@ def test_truncated_file_fails_cleanly(saved):
     assert_unchanged(model, before)
 
 
+def _rewrite_config(folder, change):
+    """Change the config where load reads it: the copy in the safetensors header."""
+    f = folder / "adapter.safetensors"
+    with safe_open(str(f), framework="pt") as sf:
+        meta = sf.metadata()
+    cfg = json.loads(meta["lorazoo_config"])
+    change(cfg)
+    save_file(load_file(str(f)), str(f), metadata={**meta, "lorazoo_config": json.dumps(cfg)})
+
+
 def test_newer_version_is_refused(saved):
-    cfg = json.loads((saved / "adapter_config.json").read_text())
-    cfg["lorazoo_version"] = "99.0.0"
-    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    _rewrite_config(saved, lambda cfg: cfg.update(lorazoo_version="99.0.0"))
     with pytest.raises(LoadError, match="newer than this lorazoo"):
         lorazoo.load(TinyNet(), saved)
+
+
+def test_save_killed_between_its_two_renames_leaves_a_matching_pair(tmp_path, monkeypatch):
+    x, _ = tiny_data()
+    model = TinyNet()
+    lorazoo.adapt(model, AdapterSpec(rank=2, targets=["fc1", "fc2"]), name="a").save(tmp_path)
+    other = TinyNet()
+    hb = lorazoo.adapt(other, AdapterSpec(rank=3, form="dora", targets=["fc2"]), name="b")
+    perturb(hb)
+    import lorazoo.files as files
+
+    real, calls = files._atomic, []
+
+    def killed_after_first(target, write):
+        calls.append(target.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies before the config's rename
+        real(target, write)
+
+    monkeypatch.setattr(files, "_atomic", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        hb.save(tmp_path)
+    monkeypatch.undo()
+    (tmp_path / ".adapter.safetensors.leftover").write_bytes(b"x")  # a killed save's temporary
+    fresh = TinyNet()
+    loaded = lorazoo.load(fresh, tmp_path)  # the new tensors with their own config, not the old JSON
+    assert loaded.name == "b" and loaded.spec == hb.spec
+    torch.testing.assert_close(fresh(x).logits, other(x).logits, rtol=1e-6, atol=1e-9)
+    hb.save(tmp_path)  # a complete save cleans the temporaries a killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
 
 
 def test_missing_folder_and_bad_json(tmp_path):
@@ -144,12 +184,12 @@ def test_failed_save_keeps_the_earlier_save(saved, monkeypatch):
     before = (saved / "adapter.safetensors").read_bytes()
     model = TinyNet()
     h = lorazoo.adapt(model, AdapterSpec(rank=2, targets=["fc1", "fc2"]))
-    import lorazoo.io as io
+    import lorazoo.files as files
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "save_file", boom)
+    monkeypatch.setattr(files, "save_file", boom)
     with pytest.raises(OSError):
         h.save(saved)
     assert (saved / "adapter.safetensors").read_bytes() == before

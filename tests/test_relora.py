@@ -111,8 +111,19 @@ def test_jagged_cosine_learning_rate(N):
 
 
 def test_default_schedule_is_flat_without_warmups():
+    model, handle = adapted(schedule="relora", relora_restart_warmup=0)
+    handle.plan(200)
+    assert [handle.lr_factor(t) for t in range(1, 200)] == [1.0] * 199
+
+
+def test_default_interval_is_a_quarter_of_the_planned_run():
     model, handle = adapted(schedule="relora")
-    assert [handle.lr_factor(t) for t in range(1, 50)] == [1.0] * 49
+    with pytest.raises(lorazoo.LorazooError, match="handle.plan"):
+        handle.lr_factor(1)
+    handle.plan(200)  # T = 50 steps, re-warm 10 steps after each merge
+    assert [handle.lr_factor(t) for t in (50, 51, 60, 61)] == [1.0, 0.1, 1.0, 1.0]
+    with pytest.raises(lorazoo.SpecError, match="relora_restart_warmup"):
+        handle.plan(40)  # T = 10 leaves no step after the re-warmup
 
 
 def test_training_with_merges_learns_and_save_load_reproduces(tmp_path):
@@ -173,7 +184,7 @@ def test_forms_that_cannot_merge_and_restart_are_refused():
 
 
 @pytest.mark.parametrize("bad", [{"relora_interval": 0}, {"relora_interval": 2.5}, {"relora_prune": 1.5},
-                                 {"relora_restart_warmup": 10, "relora_interval": 10},
+                                 {"relora_restart_warmup": 10, "relora_interval": 10}, {"relora_interval": -0.5},
                                  {"relora_total_steps": 5, "relora_warmup": 5}, {"relora_min_lr_ratio": 2}])
 def test_bad_options_are_refused(bad):
     with pytest.raises(lorazoo.SpecError):

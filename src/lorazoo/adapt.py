@@ -9,9 +9,9 @@ from torch import nn
 
 from .conv import ConvAdaptedLayer, conv_shape, is_conv2d
 from .errors import SpecError, TargetError
-from .fingerprint import base_weights, fingerprint
+from .fingerprint import fingerprint
 from .handle import AdapterHandle, handles_of
-from .layer import AdaptedLayer, Adapter
+from .layer import AdaptedLayer, Adapter, base_weights
 from .parts import BuildContext
 from .registry import SCALES
 from .spec import AdapterSpec
@@ -63,7 +63,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
         p.requires_grad_(False)
     max_in = max(s[0] for s in shapes.values())
     max_out = max(s[1] for s in shapes.values())
-    ctx = BuildContext(nn.ModuleDict(), name, max_in, max_out, spec.seed)
+    ctx = BuildContext(nn.ModuleDict(), name, max_in, max_out, spec.seed, shapes)
     first = None
     scale_fn = SCALES.get(spec.scale).obj
     with torch.random.fork_rng(devices=[]):
@@ -72,6 +72,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
             layer = mod if isinstance(mod, AdaptedLayer) else _wrap(model, path, mod)
             r = ranks.get(path, spec.rank)
             weight = layer.linear_weight()
+            ctx.path = path  # per-module-type banks (RaSA, DenseLoRA) key on it
             form = form_cls(layer.in_features, layer.out_features, r, scale_fn(spec.alpha, r), spec.options, ctx)
             adapter = Adapter(form, spec.rank_dropout, spec.dropout).to(device=weight.device, dtype=weight.dtype)
             layer.adapters[name] = adapter

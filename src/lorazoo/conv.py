@@ -121,14 +121,6 @@ def patch_rows(call: dict, out_hw: tuple[int, int]) -> torch.Tensor:
     return rows
 
 
-def is_plain_lora(form) -> bool:
-    """A form whose forward is exactly LoRA's y + s·B(M ⊙ A x) (LoRA, and LoRA under any init)."""
-    from .forms.lora import LoRA
-
-    return (isinstance(form, LoRA) and type(form).forward is LoRA.forward and type(form).delta is LoRA.delta
-            and not form.reads_output and not form.multiplicative)
-
-
 def lora_conv_delta(adapter, call: dict) -> torch.Tensor:
     """conv-LoRA: s·B(M ⊙ A x) with A a kh x kw conv (in -> r) and B a 1 x 1 conv (r -> out), in NCHW.
 
@@ -185,7 +177,7 @@ class ConvAdaptedLayer(AdaptedLayer):
         y, as_rows, rows_x = out, False, None  # y stays NCHW until a form needs channel-last rows
         for n in running:
             ad = self.adapters[n]
-            if self.fast_lora and is_plain_lora(ad.form):
+            if self.fast_lora and ad.form.plain_lora:
                 y = (y.movedim(-1, 1) if as_rows else y) + lora_conv_delta(ad, call)
                 as_rows = False
                 continue

@@ -6,7 +6,6 @@ import json
 import math
 
 import torch
-from torch import nn
 
 
 @torch.no_grad()
@@ -40,24 +39,3 @@ def mismatches(saved: dict, current: dict, rtol: float = 1e-4) -> list[str]:
         ):
             bad.append(p)
     return bad
-
-
-def base_weights(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The pristine (out, in) base weight of each layer: current weight minus merges and shifts."""
-    from .layer import AdaptedLayer
-
-    out = {}
-    for p, m in layers.items():
-        if isinstance(m, AdaptedLayer):
-            w = m.linear_weight().detach().clone()
-            if m.merged:
-                for n in reversed(m.merged):
-                    w = m.adapters[n].form.unmerge(w)
-            for ad in m.adapters.values():
-                if ad.shift_A.shape[0]:
-                    w = w - ad.shift_B @ ad.shift_A
-            out[p] = w
-        else:
-            out[p] = m.weight if isinstance(m, nn.Linear) else (
-                m.weight.reshape(m.weight.shape[0], -1) if isinstance(m, nn.Conv2d) else m.weight.t())
-    return out

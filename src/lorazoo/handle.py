@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from .errors import LorazooError
+from .files import write_adapter
+from .fingerprint import short
 from .layer import Adapter, AdaptedLayer
 from .parts import check_number
 from .spec import AdapterSpec
@@ -84,6 +86,13 @@ class AdapterHandle:
             return torch.zeros((), device=next(iter(self.trainable_parameters()), torch.zeros(())).device)
         return torch.stack([t.reshape(()) for t in terms]).sum() if len(terms) > 1 else terms[0]
 
+    def router_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer with a router (mixture-of-experts forms), each expert's mean gate, mean router
+        probability and load over that layer's last forward, for logging (see lorazoo.routing)."""
+        from .routing import router_stats
+
+        return router_stats(self)
+
     def plan(self, total_steps: int) -> None:
         """Tell the schedule how many optimizer steps the run takes (lorazoo's trainer does this).
         AdaLoRA needs it unless its spec sets ``adalora_total_steps``."""
@@ -157,9 +166,10 @@ class AdapterHandle:
 
     def save(self, path) -> None:
         """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``."""
-        from .io import save
-
-        save(self, path)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        write_adapter(path, tensors, {
+            "name": self.name, "spec": self.spec.to_dict(), "targets": sorted(self.ranks), "ranks": self.ranks,
+            "base_fingerprint": short(self.fingerprint), "fingerprint": self.fingerprint})
 
     def delete(self) -> None:
         """Remove this adapter; the base weights are restored (merges and shifts undone)."""

@@ -1,83 +1,21 @@
-"""Save and load adapters: safetensors for tensors, JSON for the spec. Never pickle."""
+"""Load a saved adapter onto a model: every check first, then attach (``handle.save`` writes)."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .errors import LoadError, LorazooError, SpecError
-from .fingerprint import base_weights, fingerprint, mismatches, short
+from .adapt import adapt
+from .errors import LoadError, SpecError
+from .files import TENSORS, read_config
+from .fingerprint import fingerprint, mismatches
 from .handle import AdapterHandle, handles_of
+from .layer import base_weights
+from .spec import AdapterSpec
 from .targets import candidate_layers
-from .version import FORMAT, __version__
-
-TENSORS = "adapter.safetensors"
-CONFIG = "adapter_config.json"
-
-
-def save(handle: AdapterHandle, path) -> None:
-    """Write the adapter atomically: a failure leaves any earlier save in ``path`` intact."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LorazooError(f"cannot save into {str(path)!r}: it is a file, not a folder")
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in handle.state_dict().items()}
-    config = {
-        "lorazoo_version": __version__,
-        "format": FORMAT,
-        "name": handle.name,
-        "spec": handle.spec.to_dict(),
-        "targets": sorted(handle.ranks),
-        "ranks": handle.ranks,
-        "base_fingerprint": short(handle.fingerprint),
-        "fingerprint": handle.fingerprint,
-    }
-    _atomic(path / TENSORS, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic(path / CONFIG, lambda f: Path(f).write_text(json.dumps(config, indent=1)))
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_config(path) -> dict:
-    path = Path(path)
-    cfile = path / CONFIG
-    if not cfile.is_file():
-        raise LoadError(f"{str(path)!r} holds no {CONFIG}; is it a folder written by handle.save()?")
-    try:
-        config = json.loads(cfile.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{cfile} is not valid JSON ({e}); the file is damaged, save the adapter again") from None
-    if not isinstance(config, dict) or "spec" not in config or "ranks" not in config:
-        raise LoadError(f"{cfile} is not a lorazoo adapter config (no 'spec' or 'ranks')")
-    if int(config.get("format", 0)) > FORMAT or _newer(config.get("lorazoo_version", "0"), __version__):
-        raise LoadError(
-            f"adapter was saved by lorazoo {config.get('lorazoo_version')} (format {config.get('format')}), "
-            f"newer than this lorazoo {__version__} (format {FORMAT}); upgrade lorazoo to load it"
-        )
-    return config
-
-
-def _newer(a: str, b: str) -> bool:
-    def key(v):
-        return tuple(int(x) if x.isdigit() else 0 for x in str(v).split(".")[:3])
-
-    return key(a) > key(b)
-
 
 def load(model: nn.Module, path, name: str | None = None) -> AdapterHandle:
     """Load a saved adapter onto ``model`` and return its handle.
@@ -85,9 +23,6 @@ def load(model: nn.Module, path, name: str | None = None) -> AdapterHandle:
     Every check (config, version, file integrity, base fingerprint, tensor names and shapes) runs
     before the model is changed; on any error the model is left as it was.
     """
-    from .adapt import adapt
-    from .spec import AdapterSpec
-
     path = Path(path)
     config = read_config(path)
     name = name or config.get("name", "default")

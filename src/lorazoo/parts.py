@@ -6,16 +6,13 @@ declared option of its parts as a keyword and refuses every other one, before th
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+import re
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .errors import SpecError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .handle import AdapterHandle
-    from .layer import AdaptedLayer, Adapter
 
 
 def check_number(name: str, value: Any, *, minimum: float = 0.0, integer: bool = False,
@@ -119,6 +116,10 @@ class Form(nn.Module, Part):
     # whole update s·B·A, so gradient rules (LoRA-Pro) and merges (ReLoRA) may rely on it; MoSLoRA's
     # s·B·M·A does not. Forms without factors return None.
     plain_product: bool = True
+    # The forward is exactly LoRA's y + s·B(M ⊙ A x) with A (r, in), B (out, r): conv layers may then
+    # run A as a kh x kw conv and B as a 1 x 1 conv (conv.py). LoRA sets it; forms derived from
+    # LoRA that change forward or delta do not inherit it.
+    plain_lora: bool = False
 
     def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
         return None
@@ -147,6 +148,10 @@ class Init(Part):
 
     needs_calibration: bool = False
     needs_factors: bool = True  # needs a form with plain B·A factors
+    # The adapted model equals the base model right after this init (on a form whose ``zero_init``
+    # holds): a zero update, or a nonzero one moved out of the base (PiSSA). False where the paper
+    # starts elsewhere on purpose (NZLoRA's random B·A, LoRA-One's one gradient step).
+    starts_as_base: bool = True
 
     @classmethod
     def check_form(cls, form_cls):
@@ -217,14 +222,52 @@ class BuildContext:
 
     The banks are registered once, under the first adapted layer's adapter (``<path>.shared``),
     so ``model.parameters()``, state_dict and DDP see each shared tensor exactly once.
+
+    Banks may be global (VeRA: one per adapter) or per module type (RaSA, DenseLoRA: one per kind
+    of layer, ``module_type``); ``adapt`` gives the context every target's shape (``shapes``) and
+    sets ``path`` to the target whose form is being built.
     """
 
-    def __init__(self, banks: nn.ModuleDict, adapter_name: str, max_in: int, max_out: int, seed: int):
+    def __init__(self, banks: nn.ModuleDict, adapter_name: str, max_in: int, max_out: int, seed: int,
+                 shapes: dict[str, tuple[int, int]] | None = None):
         self.banks, self.adapter_name, self.max_in, self.max_out, self.seed = (
             banks, adapter_name, max_in, max_out, seed)
+        self.shapes = dict(shapes or {})  # path -> (in, out) of every target of this adapter
+        self.path: str | None = None      # the target being built
+        self._types = _module_types(self.shapes)
 
     def bank(self, key: str, factory) -> nn.Module:
         """The shared module ``key`` of this adapter, built once by ``factory()``."""
         if key not in self.banks:
             self.banks[key] = factory()
         return self.banks[key]
+
+    def module_type(self, path: str | None = None) -> str:
+        """The kind of layer at ``path`` (default: the one being built), usable as a bank key: its
+        dotted path with block indices (numeric parts) wildcarded, plus its shape, so
+        ``layers.3.attn.q_proj`` (4096 -> 1024) is ``layers_N_attn_q_proj_4096x1024``, the same
+        for every block. It generalizes RaSA's and DenseLoRA's grouping by name after
+        ``layers.<i>.``; layers of one name but different shapes get different types."""
+        path = self.path if path is None else path
+        if path not in self._types:
+            raise KeyError(f"{path!r} is not a target of adapter {self.adapter_name!r}")
+        return self._types[path]
+
+    def same_type(self, path: str | None = None) -> list[str]:
+        """The targets of the same module type as ``path`` (itself included), in target order."""
+        kind = self.module_type(path)
+        return [p for p, t in self._types.items() if t == kind]
+
+
+def _module_types(shapes: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """Path -> module type (see :meth:`BuildContext.module_type`), distinct types never colliding."""
+    raw = {p: (".".join("*" if part.isdigit() else part for part in p.split(".")), tuple(s))
+           for p, s in shapes.items()}
+    names: dict[tuple, str] = {}
+    for kind in dict.fromkeys(raw.values()):
+        pattern, (fin, fout) = kind
+        name = re.sub(r"\W", "_", pattern.replace("*", "N")) + f"_{fin}x{fout}"
+        while name in names.values():  # two patterns sanitized alike (a.b vs a_b): keep them apart
+            name += "_"
+        names[kind] = name
+    return {p: names[k] for p, k in raw.items()}

@@ -12,7 +12,7 @@ import torch
 
 from .adapt import adapt
 from .errors import LorazooError
-from .io import _atomic
+from .files import _atomic
 from .parts import check_number
 from .spec import AdapterSpec
 from .tasks.base import get_task

@@ -17,6 +17,13 @@ def rslora_scale(alpha: float, rank: int) -> float:
     return alpha / math.sqrt(rank)
 
 
+@SCALES.register("adalora", paper="AdaLoRA (Zhang et al., 2023) [22]",
+                 equations="s = alpha / (r + 1e-5), the authors' scaling / (ranknum + 1e-5)")
+def adalora_scale(alpha: float, rank: int) -> float:
+    """The AdaLoRA authors' code (and PEFT) divide by ranknum + 1e-5: 1 - 1e-5/r of alpha/r."""
+    return alpha / (rank + 1e-5)
+
+
 @SCALES.register("constant", summary="s = alpha, independent of rank")
 def constant_scale(alpha: float, rank: int) -> float:
     return float(alpha)

@@ -7,6 +7,7 @@ from typing import Any
 
 from .errors import SpecError
 from .parts import check_number
+from .presets import PRESETS
 from .registry import REGISTRIES
 
 _FIELDS = ("form", "init", "scale", "optim", "schedule", "rank", "alpha", "rank_dropout",
@@ -101,8 +102,6 @@ class AdapterSpec:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "AdapterSpec":
         """The spec of a named variant from the catalogue, with any field or option overridden."""
-        from .presets import PRESETS
-
         if name not in PRESETS:
             raise SpecError(f"unknown variant {name!r}; known variants: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name].parts, **overrides})

@@ -20,8 +20,9 @@ class AdaLoRA(Form):
     """h = W0 x + s·P((λ ⊙ m ⊙ M) ⊙ Q x) (study Eq. 45 with Λ = diag(λ)).
 
     P (out, r) and Q (r, in) simulate the singular vectors, λ (r,) the singular values. As in the
-    paper and the authors' code, λ starts at zero (zero update) and P, Q ~ N(0, 0.02²); ``s`` is
-    alpha/r, the authors' ``scaling / ranknum``. ``rank_mask`` m (a saved 0/1 buffer, all ones until
+    paper and the authors' code, λ starts at zero (zero update) and P, Q ~ N(0, 0.02²); ``s`` comes
+    from the scale part: the ``adalora`` preset uses scale "adalora", alpha/(r + 1e-5), the authors'
+    ``scaling / (ranknum + 1e-5)`` (as PEFT). ``rank_mask`` m (a saved 0/1 buffer, all ones until
     the schedule prunes) holds the triplets kept by the budget; M is DropLoRA's mask. The forward
     never forms P·Λ·Q: its cost is r·(in + out) per token, as LoRA's.
     """

@@ -32,6 +32,12 @@ class LoRA(Form):
     def factors(self):
         return self.B, self.A
 
+    @property
+    def plain_lora(self) -> bool:
+        cls = type(self)
+        return (cls.forward is LoRA.forward and cls.delta is LoRA.delta
+                and not self.reads_output and not self.multiplicative)
+
     def delta(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """s·B(M ⊙ A x), the additive update applied to ``x``."""
         # s multiplies the (tokens x r) activations, not the (tokens x out) result: one pass less.

@@ -1,6 +1,8 @@
 """ReLoRA (Lialin et al., 2024 [21]; study Eq. 12-13): merge-and-reinit, optimizer reset, jagged LR.
 
-Training runs in phases of T = ``relora_interval`` steps. After step τT (1-based, τ = 1, 2, ...)
+Training runs in phases of T steps: ``relora_interval`` is a count, or below 1 a fraction of the
+run (default 0.25: four phases, the paper's 5k-step cycles in a 20k-step run), resolved by
+``handle.plan(total_steps)``, which lorazoo's trainer calls. After step τT (1-based, τ = 1, 2, ...)
 the update is merged into the frozen base, W_{t_τ} = W_{t_{τ-1}} + s·B·A (Eq. 12, through
 ``adapter.shift_base`` so save/load/delete reproduce and undo it), the factors are re-initialized
 by the form's ``reset_parameters`` (B = 0: the model output is unchanged), and the optimizer state
@@ -45,27 +47,34 @@ def prune_by_magnitude_(t: torch.Tensor, fraction: float) -> None:
     t.mul_((t.abs() > threshold).to(t.dtype))
 
 
+def check_phase(interval: int, rewarm: int, what: str = "") -> None:
+    if rewarm >= interval:
+        raise SpecError(
+            f"relora_restart_warmup ({rewarm}) must be shorter than the merge interval of {interval} steps"
+            f"{what}; lower relora_restart_warmup or merge less often")
+
+
 @SCHEDULES.register("relora", paper="ReLoRA (Lialin et al., 2024) [21]",
                     equations="study Eq. 12-13; W_{t_τ} = W_{t_{τ-1}} + s·B·A every T steps, then reinit, "
                               "optimizer pruning, jagged cosine LR",
                     summary="merge s·B·A into the base every relora_interval steps, re-init, reset optimizer, "
                             "re-warm the LR")
 class ReLoRA(Schedule):
-    options = {"relora_interval": 1000, "relora_warmup": 0, "relora_restart_warmup": 10,
+    options = {"relora_interval": 0.25, "relora_warmup": 0, "relora_restart_warmup": 10,
                "relora_total_steps": 0, "relora_min_lr_ratio": 0.1, "relora_prune": 0.99}
 
     @classmethod
     def validate(cls, opts):
-        check_number("relora_interval", opts["relora_interval"], minimum=1, integer=True)
+        check_number("relora_interval", opts["relora_interval"], strict=True)
+        if opts["relora_interval"] >= 1 and opts["relora_interval"] != int(opts["relora_interval"]):
+            raise SpecError(f"relora_interval is a step count (an integer) or a fraction of the run below 1, "
+                            f"got {opts['relora_interval']!r}")
         for key in ("relora_warmup", "relora_restart_warmup", "relora_total_steps"):
             check_number(key, opts[key], integer=True)
         check_number("relora_min_lr_ratio", opts["relora_min_lr_ratio"], maximum=1.0)
         check_number("relora_prune", opts["relora_prune"], maximum=1.0)
-        if opts["relora_restart_warmup"] >= opts["relora_interval"]:
-            raise SpecError(
-                f"relora_restart_warmup ({opts['relora_restart_warmup']}) must be shorter than "
-                f"relora_interval ({opts['relora_interval']}); lower it or merge less often"
-            )
+        if opts["relora_interval"] >= 1:
+            check_phase(opts["relora_interval"], opts["relora_restart_warmup"])
         if opts["relora_total_steps"] and opts["relora_total_steps"] <= opts["relora_warmup"]:
             raise SpecError(
                 f"relora_total_steps ({opts['relora_total_steps']}) must exceed relora_warmup "
@@ -83,9 +92,29 @@ class ReLoRA(Schedule):
                 f"is not one: use form='lora', or schedule='none'"
             )
 
+    def __init__(self, spec):
+        super().__init__(spec)
+        every = spec.options["relora_interval"]
+        self.interval = int(every) if every >= 1 else None  # a fraction waits for plan()
+
+    def plan(self, total_steps):
+        every = self.spec.options["relora_interval"]
+        if every < 1:
+            self.interval = max(1, round(every * total_steps))
+            check_phase(self.interval, self.spec.options["relora_restart_warmup"],
+                        f" ({every:g} of {total_steps} steps)")
+
+    def phase(self) -> int:
+        """T in steps; a fractional relora_interval needs the run's length first."""
+        if self.interval is None:
+            raise LorazooError(
+                f"relora_interval={self.spec.options['relora_interval']} is a fraction of the run: call "
+                f"handle.plan(total_steps) before training (lorazoo's trainer does), or give it in steps")
+        return self.interval
+
     # --- merge-and-reinit ---------------------------------------------------------------------
     def after_step(self, handle, optimizer, step):
-        if step % self.spec.options["relora_interval"] == 0:
+        if step % self.phase() == 0:
             self.merge_and_reinit(handle, optimizer)
 
     @torch.no_grad()
@@ -132,7 +161,7 @@ class ReLoRA(Schedule):
 
     def lr_factor(self, step):
         o = self.spec.options
-        T, warm, rewarm = o["relora_interval"], o["relora_warmup"], o["relora_restart_warmup"]
+        T, warm, rewarm = self.phase(), o["relora_warmup"], o["relora_restart_warmup"]
         if step <= warm:
             return step / warm
         k, j = (step - 1) // T, (step - 1) % T + 1

@@ -31,7 +31,8 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import LorazooError, SpecError
-from .bench_runner import FLOOR, BenchConfig, Method, Runner, build_runner, make_batch, timed
+from .bench_build import build_runner
+from .bench_runner import FLOOR, BenchConfig, Method, Runner, make_batch, timed
 
 REFERENCE = "lora"
 

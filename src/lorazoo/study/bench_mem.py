@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from .bench_runner import BenchConfig, Method, build_base, build_runner, make_batch
+from .bench_build import build_runner
+from .bench_runner import BenchConfig, Method, build_base, make_batch
 
 MB = 1024 * 1024
 

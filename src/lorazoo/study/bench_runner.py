@@ -134,21 +134,7 @@ def make_batch(cfg: BenchConfig) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def build_runner(method: Method, cfg: BenchConfig, batch: dict, model: nn.Module | None = None) -> Runner:
-    """Build ``method`` on ``model`` (a fresh base model if None)."""
-    if method.impl not in IMPLS:
-        raise SpecError(f"unknown implementation {method.impl!r}; known: {', '.join(IMPLS)}")
-    model = build_base(cfg) if model is None else model
-    if method.impl == "floor":
-        return _floor_runner(method, model, batch)
-    if method.impl == "lorazoo":
-        return _lorazoo_runner(method, cfg, model, batch)
-    from .bench_peft import peft_runner
-
-    return peft_runner(method, cfg, model, batch)
-
-
-def _floor_runner(method: Method, model: nn.Module, batch: dict) -> Runner:
+def floor_runner(method: Method, model: nn.Module, batch: dict) -> Runner:
     """Frozen base; the input embeddings are a leaf that requires grad, so backward runs through
     every layer computing activation gradients and no weight gradient; no optimizer step."""
     model.requires_grad_(False)
@@ -161,7 +147,7 @@ def _floor_runner(method: Method, model: nn.Module, batch: dict) -> Runner:
     return Runner(method, model, 0, step, batch)
 
 
-def _lorazoo_runner(method: Method, cfg: BenchConfig, model: nn.Module, batch: dict) -> Runner:
+def lorazoo_runner(method: Method, cfg: BenchConfig, model: nn.Module, batch: dict) -> Runner:
     from ..adapt import adapt
 
     handle = adapt(model, method.adapter_spec(), calibration=[batch])

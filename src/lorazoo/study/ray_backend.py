@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from .errors import StudyError
+from .process import collect, spawn
 
 
 def import_ray():
@@ -27,7 +28,6 @@ def import_ray():
 def run_trial_process(tid: str, config: dict, trial_fn: str, threads: int | None,
                       timeout: float | None) -> dict:
     """Run one trial in a fresh process on this node and return its outcome (the Ray task body)."""
-    from .runner import collect, spawn
 
     workdir = tempfile.mkdtemp(prefix="lorazoo-trial-")
     try:
