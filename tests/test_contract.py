@@ -23,9 +23,11 @@ def test_starts_as_base(name):
     x, _ = tiny_data()
     base = TinyNet()(x).logits
     model, handle = build(name)
-    form = handle.spec.part_classes()["form"]
-    if not form.zero_init:
-        pytest.skip(f"{name}: its paper does not start from the base model")
+    parts = handle.spec.part_classes()
+    if not parts["form"].zero_init:
+        pytest.skip(f"{name}: form '{handle.spec.form}' does not start from the base model (its paper)")
+    if not parts["init"].starts_as_base:
+        pytest.skip(f"{name}: init '{handle.spec.init}' does not start from the base model (its paper)")
     torch.testing.assert_close(model(x).logits, base, rtol=1e-6, atol=1e-9)
 
 

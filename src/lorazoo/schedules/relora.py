@@ -6,13 +6,17 @@ run (default 0.25: four phases, the paper's 5k-step cycles in a 20k-step run), r
 the update is merged into the frozen base, W_{t_τ} = W_{t_{τ-1}} + s·B·A (Eq. 12, through
 ``adapter.shift_base`` so save/load/delete reproduce and undo it), the factors are re-initialized
 by the form's ``reset_parameters`` (B = 0: the model output is unchanged), and the optimizer state
-of the adapter's parameters is pruned by magnitude: in every state tensor shaped like its
-parameter (Adam's moments), the round(p·n) entries of smallest magnitude are zeroed
-(p = ``relora_prune``, 0.99 as the paper; ties at the threshold go too). p = 1 is a full reset: the
+of the adapter's parameters is pruned by magnitude (p = ``relora_prune``, 0.99 as the paper): the
+round(p·n) entries of smallest second moment (Adam's ``exp_avg_sq``) are zeroed in both moments,
+one mask for the two (ties at the threshold go too); an optimizer without a second moment has
+each state tensor shaped like its parameter pruned by its own magnitude. Departure: the official
+code prunes the two moments by separate masks, which keeps some first moments whose second moment
+is zeroed; the next Adam step divides them by sqrt(v) ≈ 0 (A's gradient is 0 right after a reset,
+B being 0) and the tiny-net run jumps from loss 0.5 to 2-5 at lr 2e-3-5e-3 in 4 of 5 seeds. p = 1 is a full reset: the
 parameter's state is dropped, so the optimizer starts it afresh (Adam's step count too).
 
 Jagged cosine learning rate, ``lr_factor(t)`` for the 1-based step t (W0 = ``relora_warmup``,
-Wr = ``relora_restart_warmup``, N = ``relora_total_steps``, ρ = ``relora_min_lr_ratio``):
+Wr = ``relora_restart_warmup``, a count or below 1 a fraction of T (default 0.1), N = ``relora_total_steps``, ρ = ``relora_min_lr_ratio``):
 
     c(t) = ρ + (1 − ρ)·½(1 + cos(π·clip((t − W0)/(N − W0), 0, 1)))    (c ≡ 1 when N = 0)
     t ≤ W0:                         t / W0                 (first warmup)
@@ -37,21 +41,24 @@ from ..registry import SCHEDULES
 
 
 @torch.no_grad()
-def prune_by_magnitude_(t: torch.Tensor, fraction: float) -> None:
-    """Zero the round(fraction·numel) entries of ``t`` of smallest magnitude, in place."""
+def magnitude_keep_mask(t: torch.Tensor, fraction: float) -> torch.Tensor:
+    """1 where ``t`` is not among its round(fraction·numel) entries of smallest magnitude (ties at
+    the threshold go too), 0 elsewhere."""
     k = round(fraction * t.numel())
     if k == 0:
-        return
-    mag = t.abs().flatten()
-    threshold = mag.kthvalue(k).values
-    t.mul_((t.abs() > threshold).to(t.dtype))
+        return torch.ones_like(t)
+    threshold = t.abs().flatten().kthvalue(k).values
+    return (t.abs() > threshold).to(t.dtype)
 
 
-def check_phase(interval: int, rewarm: int, what: str = "") -> None:
+def rewarm_steps(interval: int, rewarm: float, what: str = "") -> int:
+    """Wr in steps (a fraction below 1 is of the interval); SpecError when no step follows it."""
+    rewarm = round(rewarm * interval) if rewarm < 1 else int(rewarm)
     if rewarm >= interval:
         raise SpecError(
             f"relora_restart_warmup ({rewarm}) must be shorter than the merge interval of {interval} steps"
             f"{what}; lower relora_restart_warmup or merge less often")
+    return rewarm
 
 
 @SCHEDULES.register("relora", paper="ReLoRA (Lialin et al., 2024) [21]",
@@ -60,21 +67,22 @@ def check_phase(interval: int, rewarm: int, what: str = "") -> None:
                     summary="merge s·B·A into the base every relora_interval steps, re-init, reset optimizer, "
                             "re-warm the LR")
 class ReLoRA(Schedule):
-    options = {"relora_interval": 0.25, "relora_warmup": 0, "relora_restart_warmup": 10,
+    options = {"relora_interval": 0.25, "relora_warmup": 0, "relora_restart_warmup": 0.1,
                "relora_total_steps": 0, "relora_min_lr_ratio": 0.1, "relora_prune": 0.99}
 
     @classmethod
     def validate(cls, opts):
         check_number("relora_interval", opts["relora_interval"], strict=True)
-        if opts["relora_interval"] >= 1 and opts["relora_interval"] != int(opts["relora_interval"]):
-            raise SpecError(f"relora_interval is a step count (an integer) or a fraction of the run below 1, "
-                            f"got {opts['relora_interval']!r}")
-        for key in ("relora_warmup", "relora_restart_warmup", "relora_total_steps"):
+        check_number("relora_restart_warmup", opts["relora_restart_warmup"])
+        for key in ("relora_warmup", "relora_total_steps"):
             check_number(key, opts[key], integer=True)
         check_number("relora_min_lr_ratio", opts["relora_min_lr_ratio"], maximum=1.0)
         check_number("relora_prune", opts["relora_prune"], maximum=1.0)
+        for key in ("relora_interval", "relora_restart_warmup"):
+            if opts[key] >= 1 and opts[key] != int(opts[key]):
+                raise SpecError(f"{key} is a step count (an integer) or a fraction below 1, got {opts[key]!r}")
         if opts["relora_interval"] >= 1:
-            check_phase(opts["relora_interval"], opts["relora_restart_warmup"])
+            rewarm_steps(opts["relora_interval"], opts["relora_restart_warmup"])
         if opts["relora_total_steps"] and opts["relora_total_steps"] <= opts["relora_warmup"]:
             raise SpecError(
                 f"relora_total_steps ({opts['relora_total_steps']}) must exceed relora_warmup "
@@ -95,14 +103,17 @@ class ReLoRA(Schedule):
     def __init__(self, spec):
         super().__init__(spec)
         every = spec.options["relora_interval"]
-        self.interval = int(every) if every >= 1 else None  # a fraction waits for plan()
+        self.interval = self.rewarm = None  # a fraction of the run waits for plan()
+        if every >= 1:
+            self.interval = int(every)
+            self.rewarm = rewarm_steps(self.interval, spec.options["relora_restart_warmup"])
 
     def plan(self, total_steps):
         every = self.spec.options["relora_interval"]
         if every < 1:
             self.interval = max(1, round(every * total_steps))
-            check_phase(self.interval, self.spec.options["relora_restart_warmup"],
-                        f" ({every:g} of {total_steps} steps)")
+            self.rewarm = rewarm_steps(self.interval, self.spec.options["relora_restart_warmup"],
+                                       f" ({every:g} of {total_steps} steps)")
 
     def phase(self) -> int:
         """T in steps; a fractional relora_interval needs the run's length first."""
@@ -146,9 +157,11 @@ class ReLoRA(Schedule):
         if fraction >= 1.0:
             del optimizer.state[p]
             return
-        for v in optimizer.state[p].values():
-            if torch.is_tensor(v) and v.shape == p.shape:
-                prune_by_magnitude_(v, fraction)
+        moments = {k: v for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.shape == p.shape}
+        second = moments.get("exp_avg_sq")
+        keep = None if second is None else magnitude_keep_mask(second, fraction)
+        for v in moments.values():
+            v.mul_(magnitude_keep_mask(v, fraction) if keep is None else keep)
 
     # --- jagged cosine learning rate ----------------------------------------------------------
     def decay(self, t: float) -> float:
@@ -161,7 +174,7 @@ class ReLoRA(Schedule):
 
     def lr_factor(self, step):
         o = self.spec.options
-        T, warm, rewarm = self.phase(), o["relora_warmup"], o["relora_restart_warmup"]
+        T, warm, rewarm = self.phase(), o["relora_warmup"], self.rewarm
         if step <= warm:
             return step / warm
         k, j = (step - 1) // T, (step - 1) % T + 1
