@@ -76,6 +76,13 @@ def test_plan_against_peft():
     assert config.use_rslora and config.r == 4 and config.lora_alpha == 16
 
 
+def test_paper_ranks_add_each_presets_own_rank():
+    methods, _ = plan(BenchConfig(rank=8), ["vera", "dora", "lora:rank=16"], paper_ranks=True)
+    labels = [m.label for m in methods if m.impl == "lorazoo"]
+    assert labels == ["lora", "vera", "vera:rank=256", "dora", "lora:rank=16"]
+    assert [m.spec["rank"] for m in methods if m.impl == "lorazoo"] == [8, 8, 256, 8, 16]
+
+
 def test_parse_spec():
     cfg = BenchConfig(rank=4, alpha=8, targets=["q_proj"])
     spec = parse_spec("lora:scale=rslora:dropout=0.1", cfg)

@@ -95,3 +95,20 @@ def test_with_dora_starts_as_base():
     x, _ = tiny_data()
     model, _ = adapted("dora", rank=R, alpha=ALPHA, init="pissa")
     torch.testing.assert_close(model(x).logits, TinyNet()(x).logits, rtol=1e-6, atol=1e-12)
+
+
+def test_an_inactive_shifted_adapter_leaves_the_base_intact():
+    """PiSSA's residual lives in the base weight; while its adapter is inactive (another one active,
+    or none) the model must compute as the base, not as the residual."""
+    x, _ = tiny_data()
+    base = TinyNet()(x).logits
+    model = TinyNet()
+    lorazoo.adapt(model, lorazoo.AdapterSpec(rank=1, init="pissa", targets=["fc1", "fc2"]), name="pre")
+    other = lorazoo.adapt(model, lorazoo.AdapterSpec(targets=["fc1", "fc2"]), name="fz")  # now the active one
+    torch.testing.assert_close(model(x).logits, base, rtol=1e-6, atol=1e-9)
+    with other.disabled():
+        torch.testing.assert_close(model(x).logits, base, rtol=1e-6, atol=1e-9)
+    lorazoo.activate(model)
+    torch.testing.assert_close(model(x).logits, base, rtol=1e-6, atol=1e-9)
+    lorazoo.activate(model, "pre", "fz")
+    torch.testing.assert_close(model(x).logits, base, rtol=1e-6, atol=1e-9)

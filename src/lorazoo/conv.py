@@ -159,8 +159,7 @@ class ConvAdaptedLayer(AdaptedLayer):
         return conv_linear_weight(self.base)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        running = [n for n in self.active if n not in self.merged and n not in self.disabled]
-        shifted = [n for n in self.disabled if self.adapters[n].shift_A.shape[0]]
+        running, shifted = self.running()
         if not running and not shifted:
             return self.base(x, *args, **kwargs)
         mode = _ConvCall(self.base.weight)

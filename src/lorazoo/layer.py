@@ -95,9 +95,19 @@ class AdaptedLayer(nn.Module):
         w = self.base.weight
         return w.t() if is_conv1d(self.base) else w
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def running(self) -> tuple[list[str], list[str]]:
+        """(adapters that run in the forward, in order; adapters whose base shift must be undone).
+
+        A base shift (PiSSA's residual, ReLoRA's merges) counts only while its adapter runs or is
+        merged: an inactive or disabled adapter's shift is undone on the fly.
+        """
         running = [n for n in self.active if n not in self.merged and n not in self.disabled]
-        shifted = [n for n in self.disabled if self.adapters[n].shift_A.shape[0]]
+        shifted = [n for n, ad in self.adapters.items()
+                   if ad.shift_A.shape[0] and n not in running and n not in self.merged]
+        return running, shifted
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        running, shifted = self.running()
         if not running and not shifted:
             return self.base(x, *args, **kwargs)
         weight = self.linear_weight()

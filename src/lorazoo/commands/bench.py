@@ -24,6 +24,8 @@ def register(sub) -> None:
                        help=f"default {getattr(d, name)}")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"default {d.alpha:g}")
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names")
+    p.add_argument("--paper-ranks", action="store_true",
+                   help="also run each preset that has its paper's own rank (vera 256, randlora 32, ...) at it")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--mem-jobs", type=int, default=2,
                    help="memory subprocesses at once (peak RSS is per process; default 2)")
@@ -46,7 +48,7 @@ def run(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     result = run_bench(cfg, variants, against=args.against, memory=not args.no_memory,
-                       mem_jobs=args.mem_jobs, log=log)
+                       mem_jobs=args.mem_jobs, paper_ranks=args.paper_ranks, log=log)
     paths = write(result, args.out)
     if "png" not in paths:
         log("bench.png not written: the chart needs matplotlib (pip install 'lorazoo[study]')")

@@ -79,12 +79,29 @@ def available_variants() -> tuple[list[str], dict[str, str]]:
     return ok, skipped
 
 
+def at_paper_ranks(variants: Iterable[str], rank: int) -> list[str]:
+    """Each variant, followed by ``name:rank=R`` where its preset carries its paper's rank R != rank
+    (VeRA 256, RandLoRA 32, ...), so each method runs at r = ``rank`` and at its paper's usual rank."""
+    from ..presets import PRESETS
+
+    out = []
+    for v in variants:
+        out.append(v)
+        paper = PRESETS[v].parts.get("rank") if v in PRESETS else None
+        if paper is not None and paper != rank:
+            out.append(f"{v}:rank={paper}")
+    return out
+
+
 def plan(cfg: BenchConfig, variants: Iterable[str] | None = None,
-         against: Iterable[str] = ()) -> tuple[list[Method], dict[str, str]]:
-    """The floor, lorazoo's methods (LoRA first, always there) and PEFT's; and what was skipped."""
+         against: Iterable[str] = (), paper_ranks: bool = False) -> tuple[list[Method], dict[str, str]]:
+    """The floor, lorazoo's methods (LoRA first, always there) and PEFT's; and what was skipped.
+    With ``paper_ranks``, presets with a paper rank of their own run at it too (:func:`at_paper_ranks`)."""
     skipped: dict[str, str] = {}
     if variants is None:
         variants, skipped = available_variants()
+    if paper_ranks:
+        variants = at_paper_ranks(variants, cfg.rank)
     labels = list(dict.fromkeys([REFERENCE, *variants]))
     ours = [Method(label, "lorazoo", parse_spec(label, cfg).to_dict()) for label in labels]
     methods = [FLOOR, *ours]
@@ -214,10 +231,10 @@ def _time_all(methods: list[Method], cfg: BenchConfig, log: Callable[[str], None
 
 # --- the whole run ----------------------------------------------------------------------------
 def run_bench(cfg: BenchConfig, variants: Iterable[str] | None = None, against: Iterable[str] = (),
-              memory: bool = True, mem_jobs: int = 1,
+              memory: bool = True, mem_jobs: int = 1, paper_ranks: bool = False,
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Plan, measure memory (subprocesses), then time all methods in this process; return the result."""
-    methods, skipped = plan(cfg, variants, against)
+    methods, skipped = plan(cfg, variants, against, paper_ranks)
     for name, why in skipped.items():
         log(f"skipped {name}: {why}")
     load_before = os.getloadavg()
