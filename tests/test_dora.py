@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lorazoo
-from tiny import TinyNet, adapted, layer_input, perturb, rank_mask_draw
+from tiny import TinyNet, adapted, layer_input, perturb, rank_mask_draw, single_layer
 
 
 def _dense(W0, B, A, m, s):
@@ -124,3 +124,38 @@ def test_bad_option_refused():
         lorazoo.AdapterSpec(form="dora", dora_detach_norm="yes")
     with pytest.raises(lorazoo.SpecError, match="dora_detach_norm"):
         lorazoo.AdapterSpec(form="lora", dora_detach_norm=False)  # an option of another form
+
+
+def test_a_zero_weight_row_gives_no_nan_and_stays_zero():
+    """A pruned unit (a zero row of W0): m and ‖V‖ are both 0 there; the row must stay 0, not 0/0."""
+    model, handle, layer = single_layer("dora")
+    with torch.no_grad():
+        layer.base.weight[3].zero_()
+        layer.base.bias.zero_()
+    handle.delete()
+    handle = lorazoo.adapt(model, lorazoo.AdapterSpec(form="dora", rank=3, targets=["0"]))
+    layer = model[0]
+    x = layer_input(features=20)
+    out = layer(x)
+    assert torch.isfinite(out).all() and torch.count_nonzero(out[:, 3]) == 0
+    torch.testing.assert_close(out, layer.base(x), rtol=1e-6, atol=1e-9)
+    perturb(handle)
+    out = layer(x)
+    handle.merge()
+    torch.testing.assert_close(layer(x), out, rtol=1e-6, atol=1e-9)
+    handle.unmerge()
+
+
+def test_merge_is_all_or_nothing():
+    """When a later layer cannot merge (a zero magnitude), the layers merged before it are unmerged."""
+    model, handle = adapted("dora", rank=2)
+    perturb(handle)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".base." in n}
+    with torch.no_grad():
+        model.fc2.adapters["default"].form.m[0] = 0.0
+    with pytest.raises(lorazoo.NotMergeableError):
+        handle.merge()
+    assert not handle.merged
+    for n, p in model.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], rtol=1e-12, atol=1e-12)

@@ -126,8 +126,15 @@ class AdapterHandle:
         for p, layer in layers.items():
             if not layer.adapters[self.name].form.mergeable:
                 layer.merge(self.name)  # raises NotMergeableError with the reason, nothing merged yet
-        for layer in layers.values():
-            layer.merge(self.name)
+        done = []
+        try:
+            for layer in layers.values():
+                layer.merge(self.name)
+                done.append(layer)
+        except Exception:  # a later layer refused (DoRA's zero gain): merge all or nothing
+            for layer in reversed(done):
+                layer.unmerge(self.name)
+            raise
 
     def unmerge(self) -> None:
         """Restore the base weights as they were before :meth:`merge` (up to float rounding)."""

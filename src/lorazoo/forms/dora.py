@@ -76,16 +76,20 @@ class DoRA(LoRA):
         with torch.no_grad():
             self.m.copy_(self.row_norm(weight))
 
+    def gain(self, norm: torch.Tensor) -> torch.Tensor:
+        """g = m / ‖V‖_row; 1 on a row whose V is zero (a pruned unit: its direction is undefined and
+        the row stays zero), where m / ‖V‖ would be 0/0."""
+        return torch.where(norm > 0, self.m / torch.where(norm > 0, norm, 1), 1)
+
     def forward(self, x, y, weight, mask=None):
-        g = self.m / self.row_norm(weight, mask)
-        return (y + self.delta(x, mask)) * g
+        return (y + self.delta(x, mask)) * self.gain(self.row_norm(weight, mask))
 
     # --- merge: dense, once ------------------------------------------------------------------
     def _direction(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.B @ self.A) * self.scale
 
     def _gain(self, norm: torch.Tensor) -> torch.Tensor:
-        g = self.m / norm
+        g = self.gain(norm)
         if not torch.isfinite(g).all() or (g == 0).any():
             raise NotMergeableError("DoRA magnitude or row norm is zero or not finite in some row; "
                                     "merging would lose that row, so the adapter stays unmerged")
@@ -93,7 +97,7 @@ class DoRA(LoRA):
 
     def delta_weight(self, weight):
         V = self._direction(weight)
-        return V * (self.m / V.norm(dim=1))[:, None] - weight
+        return V * self.gain(V.norm(dim=1))[:, None] - weight
 
     def merge(self, weight):
         V = self._direction(weight)
@@ -105,6 +109,6 @@ class DoRA(LoRA):
     def unmerge(self, merged):
         if self.merged_norm is None:
             raise NotMergeableError("DoRA unmerge without a preceding merge")
-        V = merged / (self.m / self.merged_norm)[:, None]
+        V = merged / self.gain(self.merged_norm)[:, None]
         self.merged_norm = None
         return V - (self.B @ self.A) * self.scale
