@@ -37,6 +37,12 @@ def test_preset_overrides_and_roundtrip():
     ({"targets": []}, "targets must be a non-empty list"),
     ({"targets": "("}, "not a valid regular expression"),
     ({"not_an_option": 3}, "unknown option(s) not_an_option"),
+    ({"alpha": 10**309}, "alpha is too large"),
+    ({"rank": 1e309}, "rank must be an integer"),
+    ({"seed": 2**64}, "seed must be <="),
+    ({"seed": True}, "seed must be an integer"),
+    ({"modules_to_save": None}, "modules_to_save must be a list"),
+    ({"modules_to_save": 5}, "modules_to_save must be a list"),
 ])
 def test_bad_specs_are_refused_with_a_clear_message(kwargs, words):
     with pytest.raises(SpecError) as e:
@@ -47,6 +53,8 @@ def test_bad_specs_are_refused_with_a_clear_message(kwargs, words):
 def test_unknown_preset():
     with pytest.raises(SpecError, match="unknown variant 'nope'; known variants: .*lora"):
         AdapterSpec.preset("nope")
+    with pytest.raises(SpecError, match="unknown variant"):
+        AdapterSpec.preset(["lora"])
 
 
 @pytest.mark.parametrize("kwargs, words", [

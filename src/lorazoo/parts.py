@@ -19,10 +19,13 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, integer: bool =
                  strict: bool = False, maximum: float | None = None) -> None:
     """Raise SpecError unless ``value`` is a finite number in range."""
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        integer and not float(value).is_integer()
-    ) or not math.isfinite(value):
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not whole) or (
+        isinstance(value, float) and not math.isfinite(value)
+    ):
         raise SpecError(f"{name} must be {kind}, got {value!r}")
+    if isinstance(value, int) and abs(value) > 2**1000:  # past float's range: alpha/r would overflow
+        raise SpecError(f"{name} is too large for a float ({str(value)[:12]}... has {len(str(abs(value)))} digits)")
     if value < minimum or (strict and value == minimum):
         op = ">" if strict else ">="
         raise SpecError(f"{name} must be {op} {minimum}, got {value!r}")

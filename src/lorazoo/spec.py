@@ -48,6 +48,8 @@ class AdapterSpec:
         self.form, self.init, self.scale, self.optim, self.schedule = form, init, scale, optim, schedule
         self.rank, self.alpha, self.rank_dropout, self.dropout = rank, alpha, rank_dropout, dropout
         self.targets = list(targets) if isinstance(targets, (list, tuple)) else targets
+        if not isinstance(modules_to_save, (list, tuple)):
+            raise SpecError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
         self.modules_to_save = list(modules_to_save)
         self.seed = seed
         self.options = {}
@@ -64,7 +66,7 @@ class AdapterSpec:
         check_number("alpha", self.alpha, strict=True)
         check_number("rank_dropout", self.rank_dropout, maximum=0.999)
         check_number("dropout", self.dropout, maximum=0.999)
-        check_number("seed", self.seed, integer=True)
+        check_number("seed", self.seed, integer=True, maximum=2**64 - 1)  # torch.manual_seed's range
         _check_targets(self.targets)
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise SpecError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
@@ -102,7 +104,7 @@ class AdapterSpec:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "AdapterSpec":
         """The spec of a named variant from the catalogue, with any field or option overridden."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise SpecError(f"unknown variant {name!r}; known variants: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name].parts, **overrides})
 
