@@ -3,12 +3,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import lorazoo
 from lorazoo import AdapterSpec, LoadError, SpecError, TargetError
-from tiny import TinyNet, perturb, tiny_data
+from tiny import TinyNet, perturb, rewrite_file, tiny_data
 
 
 def state(model):
@@ -126,18 +124,8 @@ def test_truncated_file_fails_cleanly(saved):
     assert_unchanged(model, before)
 
 
-def _rewrite_config(folder, change):
-    """Change the config where load reads it: the copy in the safetensors header."""
-    f = folder / "adapter.safetensors"
-    with safe_open(str(f), framework="pt") as sf:
-        meta = sf.metadata()
-    cfg = json.loads(meta["lorazoo_config"])
-    change(cfg)
-    save_file(load_file(str(f)), str(f), metadata={**meta, "lorazoo_config": json.dumps(cfg)})
-
-
 def test_newer_version_is_refused(saved):
-    _rewrite_config(saved, lambda cfg: cfg.update(lorazoo_version="99.0.0"))
+    rewrite_file(saved, lambda cfg: cfg.update(lorazoo_version="99.0.0"))
     with pytest.raises(LoadError, match="newer than this lorazoo"):
         lorazoo.load(TinyNet(), saved)
 

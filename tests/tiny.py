@@ -118,3 +118,24 @@ def rank_mask_draw(rank: int, p: float) -> tuple[int, torch.Tensor]:
 
     seed = next(s for s in range(100) if 0 < int((draw(s) != 0).sum()) < rank)
     return seed, draw(seed)
+
+
+def rewrite_file(folder, change_config=lambda cfg: None, change_tensors=lambda t: None, checksum=True) -> None:
+    """Edit a saved adapter where load reads it (the safetensors header holds the config); with
+    ``checksum`` the edited tensors get a matching checksum, as a deliberate (not damaged) file would."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lorazoo.files import checksum as sha
+
+    f = folder / "adapter.safetensors"
+    with safe_open(str(f), framework="pt") as sf:
+        meta = sf.metadata()
+    cfg, tensors = json.loads(meta["lorazoo_config"]), load_file(str(f))
+    change_tensors(tensors)
+    if checksum:
+        cfg["checksum"] = sha(tensors)
+    change_config(cfg)
+    save_file(tensors, str(f), metadata={**meta, "lorazoo_config": json.dumps(cfg)})

@@ -11,7 +11,7 @@ from .conv import ConvAdaptedLayer, conv_shape, is_conv2d
 from .errors import SpecError, TargetError
 from .fingerprint import fingerprint
 from .handle import AdapterHandle, handles_of
-from .layer import AdaptedLayer, Adapter, base_weights
+from .layer import AdaptedLayer, Adapter, base_weights, set_module
 from .parts import BuildContext
 from .registry import SCALES
 from .spec import AdapterSpec
@@ -58,7 +58,28 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
         ranks.update(init.ranks() or {})
         _check_ranks(form_cls, spec, shapes, ranks)
 
-    # --- from here on the model changes -------------------------------------------------------
+    # --- from here on the model changes; any error undoes every change ------------------------
+    flags = {p: p.requires_grad for p in model.parameters()}
+    wrapped: list[tuple[str, nn.Module]] = []
+    touched: list[AdaptedLayer] = []
+    try:
+        handle = _attach(model, spec, name, layers, shapes, ranks, fp, init, form_cls, _initialize,
+                         wrapped, touched)
+    except BaseException:
+        for layer in reversed(touched):
+            if name in layer.adapters:
+                layer.remove(name)  # also undoes a base shift the init made
+        for path, mod in reversed(wrapped):
+            set_module(model, path, mod)
+        handles_of(model).pop(name, None)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
+    return handle
+
+
+def _attach(model, spec, name, layers, shapes, ranks, fp, init, form_cls, initialize, wrapped, touched):
+    """Wrap the targets, build and initialize the adapter on each; record every change made."""
     for p in model.parameters():
         p.requires_grad_(False)
     max_in = max(s[0] for s in shapes.values())
@@ -69,16 +90,22 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         for path, mod in layers.items():
-            layer = mod if isinstance(mod, AdaptedLayer) else _wrap(model, path, mod)
+            if isinstance(mod, AdaptedLayer):
+                layer = mod
+            else:
+                layer = ConvAdaptedLayer(mod) if is_conv2d(mod) else AdaptedLayer(mod)
+                set_module(model, path, layer)
+                wrapped.append((path, mod))
             r = ranks.get(path, spec.rank)
             weight = layer.linear_weight()
             ctx.path = path  # per-module-type banks (RaSA, DenseLoRA) key on it
             form = form_cls(layer.in_features, layer.out_features, r, scale_fn(spec.alpha, r), spec.options, ctx)
             adapter = Adapter(form, spec.rank_dropout, spec.dropout).to(device=weight.device, dtype=weight.dtype)
+            touched.append(layer)
             layer.adapters[name] = adapter
             if first is None:
                 first = adapter
-            if _initialize:
+            if initialize:
                 init.apply(path, adapter, layer, weight)
                 form.after_factor_init(weight)  # derived state from the final factors/base (DoRA's m)
     if len(ctx.banks):  # shared tensors live once, in the first layer's adapter
@@ -107,11 +134,3 @@ def _check_ranks(form_cls, spec, shapes, ranks) -> None:
                 f"rank {r} is too large for layer {path!r} ({fin} -> {fout}): form '{spec.form}' allows at "
                 f"most {limit}; lower rank or exclude this layer from targets"
             )
-
-
-def _wrap(model: nn.Module, path: str, mod: nn.Module) -> AdaptedLayer:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    layer = ConvAdaptedLayer(mod) if is_conv2d(mod) else AdaptedLayer(mod)
-    setattr(parent, child, layer)
-    return layer

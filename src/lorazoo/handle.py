@@ -10,7 +10,7 @@ from torch import nn
 from .errors import LorazooError
 from .files import write_adapter
 from .fingerprint import short
-from .layer import Adapter, AdaptedLayer
+from .layer import Adapter, AdaptedLayer, set_module
 from .parts import check_number
 from .spec import AdapterSpec
 
@@ -183,9 +183,7 @@ class AdapterHandle:
         for path, layer in self.layers().items():
             layer.remove(self.name)
             if not layer.adapters:
-                parent_path, _, child = path.rpartition(".")
-                parent = self.model.get_submodule(parent_path) if parent_path else self.model
-                setattr(parent, child, layer.base)
+                set_module(self.model, path, layer.base)
         del handles_of(self.model)[self.name]
         self.model = None
 

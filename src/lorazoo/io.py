@@ -4,13 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .adapt import adapt
-from .errors import LoadError, SpecError
-from .files import TENSORS, read_config
+from .errors import LoadError, LorazooError, SpecError
+from .files import read_config, read_tensors
 from .fingerprint import fingerprint, mismatches
 from .handle import AdapterHandle, handles_of
 from .layer import base_weights
@@ -28,16 +26,11 @@ def load(model: nn.Module, path, name: str | None = None) -> AdapterHandle:
     name = name or config.get("name", "default")
     try:
         spec = AdapterSpec.from_dict(config["spec"])
-    except (SpecError, TypeError) as e:
+    except (SpecError, TypeError, ValueError) as e:
         raise LoadError(f"the saved spec is not valid for this lorazoo: {e}") from None
     if name in handles_of(model):
         raise LoadError(f"model already has an adapter named {name!r}; pass name=... to load it under another")
-    try:
-        tensors = load_file(str(path / TENSORS))
-    except FileNotFoundError:
-        raise LoadError(f"{str(path)!r} has no {TENSORS}") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LoadError(f"{path / TENSORS} is truncated or corrupt ({e}); save the adapter again") from None
+    tensors = read_tensors(path, config)
 
     layers = candidate_layers(model)
     missing = [p for p in config["ranks"] if p not in layers]
@@ -53,13 +46,21 @@ def load(model: nn.Module, path, name: str | None = None) -> AdapterHandle:
         )
     targets = sorted(config["ranks"])
     spec_t = AdapterSpec.from_dict({**config["spec"], "targets": targets})
-    handle = adapt(model, spec_t, name=name, ranks=config["ranks"], _initialize=False)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        handle = adapt(model, spec_t, name=name, ranks=config["ranks"], _initialize=False)
+    except LorazooError as e:  # adapt undid its own changes
+        raise LoadError(f"the saved adapter does not fit this model: {e}") from None
     handle.spec = spec
     try:
         _load_state(handle, tensors)
-    except LoadError:
+    except BaseException as e:
         handle.delete()
-        raise
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        if isinstance(e, LoadError) or not isinstance(e, Exception):
+            raise
+        raise LoadError(f"the adapter file does not fit its spec: {e}") from None
     return handle
 
 
@@ -75,6 +76,13 @@ def _load_state(handle: AdapterHandle, tensors: dict[str, torch.Tensor]) -> None
         resizable = k.endswith((".shift_A", ".shift_B"))
         if t.shape != v.shape and not resizable:
             raise LoadError(f"tensor {k} has shape {tuple(t.shape)} in the file but {tuple(v.shape)} here")
+    for path, layer in handle.layers().items():  # a base shift is B (out, k) @ A (k, in)
+        B, A = tensors[f"{path}.shift_B"], tensors[f"{path}.shift_A"]
+        if B.dim() != 2 or A.dim() != 2 or B.shape != (layer.out_features, A.shape[0]) or A.shape[1:] != (
+                layer.in_features,):
+            raise LoadError(f"the base shift of {path} has shapes {tuple(B.shape)} and {tuple(A.shape)}; a layer "
+                            f"{layer.in_features} -> {layer.out_features} needs ({layer.out_features}, k) and "
+                            f"(k, {layer.in_features})")
     # apply: base shifts first (they change the frozen base), then everything else
     for path, layer in handle.layers().items():
         B, A = tensors[f"{path}.shift_B"], tensors[f"{path}.shift_A"]

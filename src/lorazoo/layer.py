@@ -163,6 +163,12 @@ class AdaptedLayer(nn.Module):
         self.disabled.discard(name)
 
 
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``model`` (wrapping or unwrapping a layer)."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
 def base_weights(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The pristine (out, in) base weight of each layer: current weight minus merges and shifts."""
     out = {}

@@ -1,2 +1,2 @@
 __version__ = "0.1.0"
-FORMAT = 1  # adapter file format; bump when saved files change meaning
+FORMAT = 2  # adapter file format; bump when saved files change meaning (2: config in the header, checksum)
