@@ -47,9 +47,18 @@ def test_init_zero_update_and_trainable_vectors_only():
 
 
 def test_bank_is_kaiming_uniform_from_the_seed():
+    """He-uniform with gain sqrt(2), as PEFT's vera._kaiming_init: U(-sqrt(6/fan_in), sqrt(6/fan_in)),
+    fan_in = max_in (16) for A (r, max_in) and r (4) for B (max_out, r); A then B from one generator
+    seeded with the spec's seed."""
     bank = _shared(adapted("vera", rank=4)[0])
-    assert bank.A.abs().max() <= 1 / math.sqrt(16) and bank.B.abs().max() <= 1 / math.sqrt(4)  # 1/sqrt(fan_in)
-    assert bank.A.abs().max() > 0.8 / math.sqrt(16) and bank.B.std() > 0.2 / math.sqrt(4)
+    bound_A, bound_B = math.sqrt(6 / 16), math.sqrt(6 / 4)
+    assert bank.A.abs().max() <= bound_A and bank.B.abs().max() <= bound_B
+    assert bank.A.abs().max() > 0.9 * bound_A and bank.B.abs().max() > 0.9 * bound_B  # not 1/sqrt(fan_in)
+    g = torch.Generator().manual_seed(0)  # the spec's default seed
+    A = torch.empty(4, 16).uniform_(-bound_A, bound_A, generator=g)
+    B = torch.empty(16, 4).uniform_(-bound_B, bound_B, generator=g)
+    torch.testing.assert_close(bank.A, A.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(bank.B, B.double(), rtol=1e-6, atol=0)
     torch.testing.assert_close(_shared(adapted("vera", rank=4)[0]).A, bank.A, rtol=0, atol=0)
     assert not torch.equal(_shared(adapted("vera", rank=4, seed=1)[0]).A, bank.A)
 

@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import SpecError
 from ..parts import Form, check_number
 from ..registry import FORMS
+from ..routing import Router, spread
 
 
 @FORMS.register("hydralora", paper="HydraLoRA (Tian et al., 2024) [91]",
@@ -23,12 +24,14 @@ class HydraLoRA(Form):
 
     All experts run in one matmul: with h = M ⊙ A x (T, r) and ω = softmax(W_g x) (T, k), the
     update is s·B·vec_i(ω_i h) where vec_i(ω_i h) is (T, k·r), since Σ_i ω_i B_i h = [B_1 … B_k]
-    [ω_1 h; …; ω_k h]. Cost per token: r·in + k·in + k·r·out, never out x in.
+    [ω_1 h; …; ω_k h]; A x and W_g x come from one matmul (x read once). Cost per token:
+    r·in + k·in + k·r·out, never out x in.
 
     Init as the authors' code: A and W_g Kaiming-uniform (nn.Linear's default), every B_i zero, so
-    the update starts at zero. The router reads the same (dropped-out) input as A; the authors'
-    code feeds it the input before dropout. Its softmax runs in at least float32. Not mergeable:
-    the mixture of B_i depends on the token.
+    the update starts at zero. The router (routing.Router, dense softmax, at least float32; its
+    weight is ``gate.weight``, also reachable as ``router``) reads the same (dropped-out) input as
+    A; the authors' code feeds it the input before dropout. No auxiliary loss (the paper has none);
+    ``routing.router_stats`` logs its gates. Not mergeable: the mixture of B_i depends on the token.
     """
 
     mergeable = False
@@ -45,13 +48,21 @@ class HydraLoRA(Form):
         self.experts = int(opts["experts"])
         self.A = nn.Parameter(torch.empty(rank, in_features))
         self.B = nn.Parameter(torch.empty(out_features, self.experts * rank))
-        self.router = nn.Parameter(torch.empty(self.experts, in_features))
-        self.reset_parameters()
+        self._reset_factors()
+        self.gate = Router(in_features, self.experts)  # drawn after A, as before the shared router
 
-    def reset_parameters(self) -> None:
+    def _reset_factors(self) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
-        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+
+    def reset_parameters(self) -> None:
+        self._reset_factors()
+        self.gate.reset_parameters()
+
+    @property
+    def router(self) -> nn.Parameter:
+        """W_g (k, in), the router's weight."""
+        return self.gate.weight
 
     def expert(self, i: int) -> torch.Tensor:
         """B_i (out, r), a view of the concatenated experts."""
@@ -59,10 +70,10 @@ class HydraLoRA(Form):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """ω(x) = softmax(W_g x) over the experts, (..., k)."""
-        logits = F.linear(x, self.router)
-        return F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(x.dtype)
+        return self.gate(x)
 
     def forward(self, x, y, weight, mask=None):
-        h = self.rank_masked(F.linear(x, self.A), mask)                # (..., r)
-        mixed = (self.gates(x).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (..., k·r)
+        # A x and the router logits W_g x in one matmul: x is read once (forward and backward)
+        h, logits = F.linear(x, torch.cat([self.A, self.gate.weight])).split([self.rank, self.experts], -1)
+        mixed = spread(self.rank_masked(h, mask), self.gate.route(logits))  # (..., k·r): ω_i h for each i
         return y + F.linear(mixed * self.scale, self.B)

@@ -1,7 +1,6 @@
 """VeRA: shared frozen random A, B; trainable scaling vectors d and b (Kopiczko et al. [48]; study Eq. 24-26)."""
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -15,16 +14,20 @@ from ..registry import FORMS
 class VeraBank(nn.Module):
     """The frozen random pair shared by every layer of one adapter: A (r, max_in), B (max_out, r).
 
-    Kaiming-uniform (a = sqrt(5), per tensor shape as in PEFT) from a generator seeded with the
-    spec's seed, so the pair is reproducible; kept as buffers so state_dict and save/load hold it once.
+    Kaiming-uniform with gain sqrt(2) (He init: ``kaiming_uniform_`` with a = 0, leaky_relu), i.e.
+    U(-sqrt(6/fan_in), sqrt(6/fan_in)) with fan_in = max_in for A and r for B, as PEFT's
+    ``vera._kaiming_init`` (the paper: "Kaiming initialization"); not nn.Linear's a = sqrt(5),
+    whose bound 1/sqrt(fan_in) is sqrt(6) times smaller. A then B from one generator seeded with
+    the spec's seed (PEFT's ``projection_prng_key``), so the pair is reproducible; kept as buffers
+    so state_dict and save/load hold it once.
     """
 
     def __init__(self, rank: int, max_in: int, max_out: int, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         A, B = torch.empty(rank, max_in), torch.empty(max_out, rank)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
-        nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=g)
+        nn.init.kaiming_uniform_(A, a=0, nonlinearity="leaky_relu", generator=g)
+        nn.init.kaiming_uniform_(B, a=0, nonlinearity="leaky_relu", generator=g)
         self.register_buffer("A", A)
         self.register_buffer("B", B)
 

@@ -1,0 +1,65 @@
+"""Shared base of the nonlinear LoRA forms (Aurora, LoRAN): LoRA's factors with a nonlinearity in the update.
+
+Both keep LoRA's A (r, in), Kaiming-uniform, and B (out, r), zero, and put a fixed or learnable
+nonlinearity into the update, in one of two places:
+
+- :class:`HiddenNonlinear`, between the factors: h = W0 x + s·B(m ⊙ φ(A x)), φ acting on the
+  (tokens x r) rank activations (Aurora). The update depends on x nonlinearly, so there is no weight
+  ΔW: merging is refused with NotMergeableError. The cost over LoRA is φ on (tokens x r) values.
+- on the entries of the product (LoRAN, forms/loran.py): ΔW = s·f(B diag(m) A), a fixed (out, in)
+  matrix, mergeable, but dense: f has no factored form.
+
+What they share, and why it is here once:
+
+- B = 0 at init, so the update starts at zero (B·anything = 0; LoRAN's f has f(0) = 0).
+- The factors are not offered as plain B·A (``factors`` is Form's, ``plain_product`` False): inits that
+  choose B, A so that s·B·A is a given matrix moved out of the base (PiSSA, MiLoRA, LoRA-GA, EVA,
+  CorDA) would not start from the base any more once the nonlinearity acts, so ``Init.check_form``
+  refuses them when the spec is built; LoRA-Pro's gradient rule and ReLoRA's merges through B·A refuse
+  them too. LoRA+ finds B through ``up_params``.
+- The DropLoRA rank mask m multiplies the r-dimensional signal that B reads, so each kept rank-one
+  term is rescaled by 1/(1-p) and the masked update is unbiased: for Aurora after φ (dropout on the
+  hidden layer of the A-φ-B "MLP", which is how DropLoRA's Sec. 3 describes its mask), for LoRAN
+  inside the product, as in DropLoRA's (B ⊙ M)(M ⊙ A).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NotMergeableError
+from ..parts import Form
+from .lora import LoRA
+
+
+class NonlinearLoRA(LoRA):
+    """LoRA's A, B and init, with the factors hidden from factor inits (the update is not s·B·A)."""
+
+    factors = Form.factors  # no plain additive s·B·A: PiSSA & co. refused at spec time
+    plain_product = False
+    up_params = ("B",)  # the zero-init up-projection (LoRA+ fast group)
+
+
+class HiddenNonlinear(NonlinearLoRA):
+    """h = W0 x + s·B(m ⊙ φ(A x)) for a nonlinearity φ: R^r -> R^r applied per token.
+
+    Subclasses define :meth:`phi` on (..., r) activations. Not mergeable: the update is a nonlinear
+    function of x, no (out, in) matrix equals it.
+    """
+
+    mergeable = False
+    rank_bound = "r (the update of every input lies in the column space of B)"
+
+    def phi(self, h: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity on the rank activations h = A x, (..., r) -> (..., r)."""
+        raise NotImplementedError
+
+    def delta(self, x, mask):
+        hidden = self.rank_masked(self.phi(F.linear(x, self.A)), mask)
+        return F.linear(hidden * self.scale, self.B)  # s on (tokens x r), not on (tokens x out)
+
+    def delta_weight(self, weight):
+        raise NotMergeableError(
+            f"form '{self.part_name}' has no weight update ΔW: its update s·B·φ(A x) depends on the "
+            f"input x through the nonlinearity φ, so it cannot be folded into the base weight; keep it "
+            f"unmerged")
