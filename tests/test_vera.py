@@ -120,3 +120,14 @@ def test_forward_never_forms_the_update():
                        .sum().backward())
     assert (24, 20) not in shapes and (20, 24) not in shapes and f.d.grad is not None
     assert (24, 20) in op_shapes(lambda: f.delta_weight(layer.linear_weight()))
+
+
+def test_rank_is_bounded_before_anything_changes():
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorazoo.SpecError, match="allows at most 256"):  # 16 x max(12, 16) on fc1
+        lorazoo.adapt(model, lorazoo.AdapterSpec(form="vera", rank=10**9, targets=["fc1", "fc2"]))
+    assert not lorazoo.handles_of(model) and type(model.fc1).__name__ == "Linear"
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    adapted("vera", rank=64)  # past min(in, out) but within the bound: allowed

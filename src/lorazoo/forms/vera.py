@@ -1,7 +1,6 @@
 """VeRA: shared frozen random A, B; trainable scaling vectors d and b (Kopiczko et al. [48]; study Eq. 24-26)."""
 from __future__ import annotations
 
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +40,9 @@ class VeRA(Form):
     A (r, max_in) and B (max_out, r) live in one bank per adapter (and rank), shared by every
     adapted layer and sliced to its shape (study Eq. 23-26). Trainable: d (r,), initialized to
     ``vera_d_init`` (0.1, the paper's default), and b (out,), zero, so ΔW = 0 at init.
-    The rank mask acts on Λ_d A x. The rank is not bounded by the layer's shape (the bank has r rows
-    whatever the layer); the update's rank is at most min(r, in, out).
+    The rank mask acts on Λ_d A x. The rank may exceed the layer's shape (the bank has r rows
+    whatever the layer; its paper uses r = 256 and more), up to 16·max(in, out); the update's rank is
+    at most min(r, in, out).
 
     s comes from the scale part (study Eq. 26 writes alpha/r); the VeRA paper itself has no scale:
     ``scale="constant", alpha=1`` reproduces it exactly.
@@ -67,7 +67,9 @@ class VeRA(Form):
 
     @classmethod
     def max_rank(cls, in_features, out_features):
-        return sys.maxsize
+        """16·max(in, out): a bank row past min(in, out) no longer raises the update's rank, only the
+        random features mixed into it; the bound keeps a typo (rank=10**9) from allocating the bank."""
+        return 16 * max(in_features, out_features)
 
     @property
     def bank(self) -> VeraBank:
