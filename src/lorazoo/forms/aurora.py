@@ -23,11 +23,10 @@ the spline of 0 is not 0).
 
 The basis is Cox-de Boor, vectorized over the grid (:func:`basis_first`), on the grid coordinate
 u = (z - t_0)/h, where the uniform knots are the integers (so each level is a few elementwise ops, no
-division by knot gaps). Backward recomputes the basis (the derivative of a degree-p B-spline is the difference of
-two degree-(p-1) ones), so the (tokens x r x (G+p)) intermediates are never stored. It runs in at
-least float32. The whole ANL is one autograd function (:class:`_ANL`) that keeps only z = A x and
-recomputes tanh and the basis in backward: Aurora then stores for backward what LoRA does plus one
-(tokens x r) tensor.
+division by knot gaps), in at least float32. The whole ANL is one autograd function (:class:`_ANL`)
+that keeps only z = A x and recomputes tanh and the basis in backward (the derivative of a degree-p
+B-spline is the difference of two degree-(p-1) ones): the (tokens x r x (G+p)) intermediates are
+never stored, and Aurora keeps for backward what LoRA does plus one (tokens x r) tensor.
 
 Choices: the DropLoRA rank mask acts on ANL's output (the r values B reads), not on A x (see
 forms/nonlinear.py). Not mergeable: some implementations offer a "static merge" B·ANL(A^T)^T for
@@ -44,7 +43,7 @@ from ..registry import FORMS
 from .nonlinear import HiddenNonlinear
 
 
-def basis_first(u: torch.Tensor, pieces: int, order: int) -> torch.Tensor:
+def basis_first(u: torch.Tensor, pieces: int, order: int, with_lower: bool = False):
     """B-spline basis of degree ``order`` on the integer knots 0, 1, ..., ``pieces`` at every entry of u.
 
     Shape (pieces - order, *u.shape): the basis index first, so each level of the recursion works on
@@ -52,14 +51,16 @@ def basis_first(u: torch.Tensor, pieces: int, order: int) -> torch.Tensor:
     slower on CPU). Cox-de Boor with t_i = i: with d_i = u - i,
     b_{i,0} = 1 if 0 <= d_i < 1 else 0, and b_{i,k} = (d_i·b_{i,k-1} + (k + 1 - d_i)·b_{i+1,k-1}) / k
     (the general recursion's (t - t_i)/(t_{i+k} - t_i) and (t_{i+k+1} - t)/(t_{i+k+1} - t_{i+1}) on unit
-    spacing). A uniform grid t_i = t_0 + i·h maps onto it by u = (z - t_0)/h.
+    spacing). A uniform grid t_i = t_0 + i·h maps onto it by u = (z - t_0)/h. With ``with_lower``,
+    also the degree ``order - 1`` basis (pieces - order + 1, *u.shape) met on the way (None for order 0).
     """
     d = u - torch.arange(pieces, dtype=u.dtype, device=u.device).view(-1, *([1] * u.dim()))
     b = ((d >= 0) & (d < 1)).to(u.dtype)
+    lower = None
     for k in range(1, order + 1):
         di = d[:pieces - k]
-        b = (di * b[:-1] + (k + 1 - di) * b[1:]) / k
-    return b
+        lower, b = b, (di * b[:-1] + (k + 1 - di) * b[1:]) / k
+    return (b, lower) if with_lower else b
 
 
 def bspline_basis(u: torch.Tensor, pieces: int, order: int) -> torch.Tensor:
@@ -97,14 +98,14 @@ class _ANL(torch.autograd.Function):
         t1 = torch.tanh(z)
         g_inner = grad * (1 - torch.tanh(F.linear(t1, C)).square())  # at C tanh z
         grad_C = g_inner.reshape(-1, r).mT @ t1.reshape(-1, r) if ctx.needs_input_grad[1] else None
+        grad_z = F.linear(g_inner, C.mT) * (1 - t1.square())
+        u = z.to(torch.promote_types(z.dtype, torch.float32)) * slope + offset
+        basis, lower = basis_first(u, pieces, order, with_lower=True)  # degrees p and p - 1
         grad_V = None
         if ctx.needs_input_grad[2]:
-            spline = spline_sum(z, slope, offset, pieces, order).to(z.dtype)
+            spline = basis.sum(-1).movedim(0, -1).to(z.dtype)
             grad_V = grad.reshape(-1, r).mT @ spline.reshape(-1, n)
-        grad_z = F.linear(g_inner, C.mT) * (1 - t1.square())
         if order > 0:  # a degree-0 spline is piecewise constant
-            u = z.to(torch.promote_types(z.dtype, torch.float32)) * slope + offset
-            lower = basis_first(u, pieces, order - 1)  # (n + 1, ..., r)
             g_spline = F.linear(grad, V.mT).to(u.dtype).movedim(-1, 0).unsqueeze(-1)  # (n, ..., 1)
             grad_z = grad_z + (((lower[:-1] - lower[1:]) * g_spline).sum(0) * slope).to(z.dtype)
         return grad_z, grad_C, grad_V, None, None, None, None

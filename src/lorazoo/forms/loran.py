@@ -18,15 +18,22 @@ Consequences, which differ from Aurora's between-the-factors nonlinearity:
 - ΔW is a matrix that does not depend on x, so LoRAN merges exactly (the authors' ``merge`` adds it
   to W) and inference after merging costs nothing.
 - f(BA) is generally full rank (the paper's point), and has no factored form: the forward forms the
-  dense (out, in) update, as the authors' forward does (``x @ af(B @ A)``). Per step this costs
-  out·in·r for B·A, a few elementwise passes over out·in, and tokens·in·out to apply it, against
-  LoRA's tokens·r·(in + out); it is a property of the method, not of this implementation. Memory:
-  one autograd function (:class:`_Sinter`) keeps only B·A for backward and recomputes sin/cos there.
+  dense (out, in) update, as the authors' forward does (``x @ af(B @ A)``). A training step then
+  costs, per adapted layer, 3·out·in·r for B·A and the gradients of B and A, a few elementwise passes over
+  out·in, and 3·tokens·in·out to apply ΔW and get the gradients of x and ΔW, against LoRA's
+  6·tokens·r·(in + out): about 1.5 more times the frozen layer's own step work. This is the method,
+  not this implementation; merged, inference costs nothing extra. Memory: one autograd function
+  (:class:`_SinterLinear`) keeps only x (kept by the base matmul anyway) and B·A for backward and
+  recomputes ΔW, sin and cos there, so autograd holds one (out, in) tensor per layer, not four.
+- At the default a = 5e-5 the Sinter term is below the resolution of bf16/fp16 entries of B·A (about
+  4e-3 and 5e-4 relative), so in half precision the update rounds to s·B·A (the authors' adapters are
+  float32).
 
 The DropLoRA rank mask acts inside the product: ΔW = s·f(B diag(m) A), DropLoRA's (B ⊙ M)(M ⊙ A).
 
-Departure noted: the study's LoRAFactory code applies Sinter to the low-rank output instead,
-s·f(B A x), which is not mergeable; lorazoo follows the authors' code.
+Note: the study's own LoRAFactory code (``LinearWithLoRAN``, behind the study's LoRAN numbers) applies
+Sinter to the low-rank output instead, s·f(B A x), which depends on x and cannot be merged; lorazoo
+follows the authors' code.
 """
 from __future__ import annotations
 
@@ -38,22 +45,37 @@ from ..registry import FORMS
 from .nonlinear import NonlinearLoRA
 
 
-class _Sinter(torch.autograd.Function):
-    """s·(P + a·P·sin(ωP)) entrywise; saves P only (f'(P) = 1 + a·sin(ωP) + a·ω·P·cos(ωP))."""
+def sinter(P: torch.Tensor, amplitude: float, frequency: float) -> torch.Tensor:
+    """f(P) = P + a·P·sin(ωP), entrywise."""
+    return torch.addcmul(P, P, torch.sin(P * frequency), value=amplitude)
+
+
+class _SinterLinear(torch.autograd.Function):
+    """x (s·f(P))^T, keeping only x and P for backward (x is kept by the base layer's matmul anyway).
+
+    Backward recomputes ΔW = s·f(P) for x's gradient and f'(P) = 1 + a·sin(ωP) + a·ω·P·cos(ωP) for
+    P's: autograd holds one (out, in) tensor per layer instead of three or four.
+    """
 
     @staticmethod
-    def forward(ctx, P, amplitude, frequency, scale):
-        ctx.save_for_backward(P)
+    def forward(ctx, x, P, amplitude, frequency, scale):
+        ctx.save_for_backward(x, P)
         ctx.consts = amplitude, frequency, scale
-        return torch.addcmul(P, P, torch.sin(P * frequency), value=amplitude) * scale
+        return F.linear(x, sinter(P, amplitude, frequency) * scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (P,) = ctx.saved_tensors
+        x, P = ctx.saved_tensors
         a, w, s = ctx.consts
-        wP = P * w
-        slope = torch.addcmul(torch.sin(wP).mul_(a).add_(1.0), wP, torch.cos(wP), value=a)
-        return grad * slope * s, None, None, None
+        grad_x = grad_P = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ (sinter(P, a, w) * s)
+        if ctx.needs_input_grad[1]:
+            wP = P * w
+            slope = torch.addcmul(torch.sin(wP).mul_(a).add_(1.0), wP, torch.cos(wP), value=a)
+            grad_W = grad.reshape(-1, grad.shape[-1]).mT @ x.reshape(-1, x.shape[-1])  # (out, in)
+            grad_P = grad_W.mul_(slope).mul_(s)
+        return grad_x, grad_P, None, None, None
 
 
 @FORMS.register("loran", paper="LoRAN (Li, Song, Hou, 2024, 'Improved Low-Rank Adaptation by a Non-Linear "
@@ -77,13 +99,12 @@ class LoRAN(NonlinearLoRA):
         self.amplitude = float(opts.get("loran_amplitude", 5e-5))
         self.frequency = float(opts.get("loran_frequency", 1e4))
 
-    def update(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """s·f(B diag(m) A), the dense (out, in) update."""
-        B = self.B if mask is None else self.B * mask
-        return _Sinter.apply(B @ self.A, self.amplitude, self.frequency, self.scale)
+    def product(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B diag(m) A, (out, in)."""
+        return (self.B if mask is None else self.B * mask) @ self.A
 
     def delta(self, x, mask):
-        return F.linear(x, self.update(mask))
+        return _SinterLinear.apply(x, self.product(mask), self.amplitude, self.frequency, self.scale)
 
     def delta_weight(self, weight):
-        return self.update()
+        return sinter(self.product(), self.amplitude, self.frequency) * self.scale

@@ -13,14 +13,17 @@ What they share, and why it is here once:
 
 - B = 0 at init, so the update starts at zero (B·anything = 0; LoRAN's f has f(0) = 0).
 - The factors are not offered as plain B·A (``factors`` is Form's, ``plain_product`` False): inits that
-  choose B, A so that s·B·A is a given matrix moved out of the base (PiSSA, MiLoRA, LoRA-GA, EVA,
-  CorDA) would not start from the base any more once the nonlinearity acts, so ``Init.check_form``
-  refuses them when the spec is built; LoRA-Pro's gradient rule and ReLoRA's merges through B·A refuse
-  them too. LoRA+ finds B through ``up_params``.
-- The DropLoRA rank mask m multiplies the r-dimensional signal that B reads, so each kept rank-one
-  term is rescaled by 1/(1-p) and the masked update is unbiased: for Aurora after φ (dropout on the
-  hidden layer of the A-φ-B "MLP", which is how DropLoRA's Sec. 3 describes its mask), for LoRAN
-  inside the product, as in DropLoRA's (B ⊙ M)(M ⊙ A).
+  choose B, A so that s·B·A is a given matrix moved out of the base (PiSSA, MiLoRA, LoRA-GA, CorDA)
+  would not start from the base any more once the nonlinearity acts, so ``Init.check_form`` refuses
+  them when the spec is built. EVA, which sets A only and leaves B = 0, reaches A through the same
+  ``factors()`` and is refused with them. LoRA-Pro's gradient rule and ReLoRA's merges through B·A
+  refuse these forms too. LoRA+ finds B through ``up_params``.
+- The DropLoRA rank mask m (Bernoulli(1-p)/(1-p) over the rank) sits where the rank dimension is.
+  For Aurora after φ, on the r values B reads: dropout on the hidden layer of the A-φ-B "MLP", which
+  is how DropLoRA's Sec. 3 describes its mask; the masked update is then unbiased, E[B(m ⊙ φ)] = Bφ,
+  whereas a mask before φ would feed φ zeros and 1/(1-p)-inflated inputs. For LoRAN inside the
+  product, DropLoRA's (B ⊙ M)(M ⊙ A), the only place the rank exists; unbiased up to Sinter's
+  a·z·sin(ωz) term.
 """
 from __future__ import annotations
 
