@@ -15,7 +15,7 @@ LRS_WIDE = [1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 LRS_FULL = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 LRS_FEW = [1e-4, 1e-3, 1e-2]
 SMALL_VARIANTS = ["lora", "droplora", "lorma_plus", "dora"]
-TIER2_STUDY = ["lora", "vera", "lorma_pi", "relora", "hira", "melora", "delora", "rasa", "denselora", "randlora",
+TIER2_STUDY = ["lora", "vera", "relora", "hira", "melora", "delora", "rasa", "denselora", "randlora",
                "nzlora", "olora", "lora_one", "corda", "corda_kpa", "loramoe", "goat", "aurora", "loran"]
 
 SUITES: dict[str, dict] = {
@@ -33,10 +33,11 @@ SUITES: dict[str, dict] = {
     },
     "tier2": {
         "description": "About 40 minutes on 2 cores (--workers 2): the study's Tier 2 variants, with LoRA, the "
-                       "fixed VeRA (paper init and rank 256), LoRMA-pi and the run-relative ReLoRA, x 4 learning "
-                       "rates on sentiment, the quick suite's settings.",
+                       "fixed VeRA (paper init and rank 256), LoRMA-pi and the run-relative ReLoRA, at LoRA's "
+                       "best rate of the quick suite (1e-3) and at the structured forms' (1e-2), on sentiment "
+                       "with the quick suite's settings.",
         "sweeps": [
-            {"grid": {"task": ["sentiment"], "variant": TIER2_STUDY, "lr": [1e-4, 1e-3, 3e-3, 1e-2], "seed": [0]},
+            {"grid": {"task": ["sentiment"], "variant": TIER2_STUDY, "lr": [1e-3, 1e-2], "seed": [0]},
              "fixed": {"epochs": 1, "limit": 768, "batch_size": 8, "max_length": 48, "test_size": 400}},
         ],
     },
