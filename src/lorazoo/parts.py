@@ -33,6 +33,12 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, integer: bool =
         raise SpecError(f"{name} must be <= {maximum}, got {value!r}")
 
 
+def check_choice(name: str, value: Any, choices) -> None:
+    """Raise SpecError unless ``value`` is one of ``choices`` (a dict's keys or a sequence)."""
+    if not isinstance(value, str) or value not in choices:
+        raise SpecError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 class Part:
     """Common metadata of a part: declared options with defaults, and validation."""
 
@@ -195,6 +201,14 @@ class Optim(Part):
     def before_step(self, handle: "AdapterHandle", optimizer) -> None:
         """Transform gradients in place before ``optimizer.step()``."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint must keep for an exact resume: a flat dict of name -> tensor or
+        JSON value (lists, numbers, strings). Stateless parts (the default) return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (after ``plan``, before the next step)."""
+
 
 class Schedule(Part):
     """What happens at step boundaries, and auxiliary losses."""
@@ -218,6 +232,15 @@ class Schedule(Part):
     def lr_factor(self, step: int) -> float:
         """Multiplier on the learning rate at ``step`` (ReLoRA's jagged schedule)."""
         return 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint must keep for an exact resume: a flat dict of name -> tensor or
+        JSON value (lists, numbers, strings). Stateless schedules (the default) return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the trainer calls it after ``plan``, so the
+        restored state wins over the new plan."""
 
 
 class BuildContext:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NotMergeableError, SpecError
-from ..parts import Form
+from ..parts import Form, check_choice
 from ..registry import FORMS
 from .banks import SharedPair
 
@@ -78,9 +78,7 @@ class DenseLoRA(Form):
 
     @classmethod
     def validate(cls, opts):
-        if opts["denselora_activation"] not in ACTIVATIONS:
-            raise SpecError(f"denselora_activation must be one of {', '.join(ACTIVATIONS)}, "
-                            f"got {opts['denselora_activation']!r}")
+        check_choice("denselora_activation", opts["denselora_activation"], ACTIVATIONS)
 
     @classmethod
     def max_rank(cls, in_features, out_features):

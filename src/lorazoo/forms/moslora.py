@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SpecError
+from ..parts import check_choice
 from .lora import LoRA
 from ..registry import FORMS
 
@@ -43,9 +43,7 @@ class MoSLoRA(LoRA):
 
     @classmethod
     def validate(cls, opts):
-        if opts["moslora_mixer_init"] not in MIXER_INITS:
-            raise SpecError(f"moslora_mixer_init must be one of {', '.join(MIXER_INITS)}, "
-                            f"got {opts['moslora_mixer_init']!r}")
+        check_choice("moslora_mixer_init", opts["moslora_mixer_init"], MIXER_INITS)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +159,7 @@ class RandLoRA(Form):
 
     @classmethod
     def max_rank(cls, in_features, out_features):
-        return sys.maxsize  # a basis rank above min(in, out) only wastes bases
+        return max(in_features, out_features)  # past min(in, out) a basis rank only wastes bases
 
     @property
     def bank(self) -> RandLoraBank:
