@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .adapt import adapt
+from .checkpoint import latest_checkpoint, read_checkpoint
 from .errors import LorazooError
 from .files import _atomic
 from .parts import check_number
@@ -21,6 +22,8 @@ from .version import __version__
 
 TASK_FILE = "task.json"
 RESULT_FILE = "result.json"
+RUN_FILE = "run.json"            # run()'s arguments, written when checkpoints are on (for --resume)
+CHECKPOINTS = "checkpoints"      # the training checkpoints' folder inside out_dir
 # keywords of run() that configure the trainer rather than the task, with their defaults
 TRAINER_OPTIONS = {"lr_schedule": "linear", "warmup": 0.1, "accumulation": 1, "weight_decay": 0.0,
                    "max_grad_norm": 1.0}
@@ -28,7 +31,7 @@ TRAINER_OPTIONS = {"lr_schedule": "linear", "warmup": 0.1, "accumulation": 1, "w
 
 def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_size: int = 16,
         limit: int | None = None, seed: int = 0, out_dir: str | None = None, progress: bool = True,
-        **task_options) -> dict:
+        checkpoint_every: int | None = None, resume: bool = False, **task_options) -> dict:
     """Build the task's model, adapt it with ``spec``, train, evaluate before and after.
 
     ``task_options`` go to the task (``max_length=64``, ``test_size=1000``...), except the
@@ -39,15 +42,38 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
 
     With ``out_dir`` the adapter is saved there, with ``task.json`` (what ``lorazoo eval`` needs to
     rebuild the task) and ``result.json`` (this function's return value).
+    ``checkpoint_every`` (steps, needs ``out_dir``) writes training checkpoints into
+    ``out_dir/checkpoints`` (see :mod:`lorazoo.checkpoint`) and this call's arguments into
+    ``out_dir/run.json``; ``resume=True`` with the same arguments continues a killed run from its
+    newest checkpoint (from the start if it has none) and ends as the uninterrupted run would; a
+    finished run's ``result.json`` is returned as it is.
     Returns a JSON-serializable dict (see the keys below).
     """
     if not isinstance(spec, AdapterSpec):
         raise LorazooError(f"spec must be a lorazoo.AdapterSpec, got {type(spec).__name__}")
     check_number("batch_size", batch_size, minimum=1, integer=True)
+    if (checkpoint_every is not None or resume) and out_dir is None:
+        raise LorazooError("checkpoint_every and resume need out_dir, the folder the run is saved in")
+    arguments = {"task": task, "spec": spec.to_dict(), "lr": lr, "epochs": epochs, "batch_size": batch_size,
+                 "limit": limit, "seed": seed, "checkpoint_every": checkpoint_every, **task_options}
     trainer_opts = {k: task_options.pop(k, v) for k, v in TRAINER_OPTIONS.items()}
     t = get_task(task, limit=limit, seed=seed, options=task_options)
     spec = with_task_defaults(spec, t)
-    check_trainer_options(lr=lr, epochs=epochs, **trainer_opts)  # before minutes of loading
+    check_trainer_options(lr=lr, epochs=epochs, checkpoint_every=checkpoint_every, **trainer_opts)
+    checkpoints = None if out_dir is None else Path(out_dir) / CHECKPOINTS
+    latest = None
+    if resume:
+        stored = read_run_arguments(out_dir)
+        if stored is not None and _canonical(stored) != _canonical(arguments):
+            diff = sorted(k for k in {*stored, *arguments} if _canonical(stored.get(k)) != _canonical(arguments.get(k)))
+            raise LorazooError(f"{out_dir} holds a run started with other arguments ({', '.join(diff)} differ); "
+                               f"resume it with the arguments in its {RUN_FILE}, or use another out_dir")
+        if (Path(out_dir) / RESULT_FILE).is_file() and stored is not None:
+            return json.loads((Path(out_dir) / RESULT_FILE).read_text())  # it finished
+        latest = latest_checkpoint(checkpoints)
+    if checkpoint_every is not None and latest is None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        _atomic(Path(out_dir) / RUN_FILE, lambda f: Path(f).write_text(json.dumps(arguments, indent=1)))
 
     torch.manual_seed(seed)  # the fresh head's init
     model = t.build_model()
@@ -55,12 +81,17 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
     if spec.part_classes()["init"].needs_calibration:
         calibration = t.calibration_batches(batch_size=batch_size)
     handle = adapt(model, spec, calibration=calibration)
-    before = t.evaluate(model)
+    before = None
+    if latest is not None:  # measured before the run was killed
+        before = read_checkpoint(latest)[1].get("extra", {}).get("metrics_before")
+    if before is None:
+        before = t.evaluate(model)
 
     torch.manual_seed(seed)  # dropout and rank-dropout masks
     trainer = Trainer(model, handle, lr=lr, epochs=epochs, progress=progress, evaluate=t.evaluate,
-                      **trainer_opts)
-    hist = trainer.fit(lambda epoch: t.train_batches(int(batch_size), epoch))
+                      checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every,
+                      extra={"metrics_before": before}, **trainer_opts)
+    hist = trainer.fit(lambda epoch: t.train_batches(int(batch_size), epoch), resume=latest or False)
     after = hist["metrics_per_epoch"][-1] if hist["metrics_per_epoch"] else t.evaluate(model)
 
     result = {
@@ -89,6 +120,24 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
     if out_dir is not None:
         save_run(handle, t.config(), result, out_dir)
     return result
+
+
+def read_run_arguments(out_dir) -> dict | None:
+    """The arguments ``run(checkpoint_every=...)`` stored in ``out_dir/run.json``, or None."""
+    f = Path(out_dir) / RUN_FILE
+    if not f.is_file():
+        return None
+    try:
+        args = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LorazooError(f"{f} is not valid JSON ({e}); the run cannot be resumed") from None
+    if not isinstance(args, dict) or not isinstance(args.get("task"), str) or not isinstance(args.get("spec"), dict):
+        raise LorazooError(f"{f} does not hold the arguments of a lorazoo run")
+    return args
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def with_task_defaults(spec: AdapterSpec, task) -> AdapterSpec:

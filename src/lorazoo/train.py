@@ -11,18 +11,34 @@ One optimizer step::
 The learning rate of every parameter group is its own base rate (from ``handle.param_groups``,
 so LoRA+ keeps its ratio) times the warmup + decay schedule times ``handle.lr_factor(step)``
 (ReLoRA's jagged restarts). Steps are numbered from 1, as in ``tests/tiny.py``.
+
+Checkpoints (``checkpoint_dir`` + ``checkpoint_every``): every N steps, at the end of an epoch
+after its evaluation when N divides that step, and at the end of the run, the trainer writes the
+adapter, the optimizer state, the RNG states, the schedule and optim parts' state and its own
+position (see :mod:`lorazoo.checkpoint`) into ``checkpoint_dir``, atomically, keeping the newest
+``keep_checkpoints``. ``fit(batches, resume=True)`` on the same model, spec, options and data
+continues from the newest one and ends with the adapter an uninterrupted run gives (within float
+rounding). For that, ``batches(epoch)`` must depend on the epoch only (lorazoo's tasks shuffle by
+(seed, epoch)).
+
+A non-finite loss or gradient norm stops training with a :class:`NonFiniteError` naming the first
+adapted layer (in forward order) whose output went non-finite, found by re-running the step's
+micro-batches with hooks (only then, so it costs nothing while training is healthy); no
+checkpoint is written from that state, so the last good one is kept.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .errors import LorazooError
+from . import checkpoint as ckpt
+from .errors import LoadError, LorazooError
 from .handle import AdapterHandle
 from .parts import check_number
 
@@ -49,11 +65,23 @@ def schedule_factor(step: int, total: int, warmup: int, kind: str = "linear") ->
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class NonFiniteError(LorazooError):
+    """Training stopped on a non-finite loss or gradient. ``layer`` is the adapted layer found to go
+    non-finite first (None when none did), ``step`` the step that failed, ``checkpoint`` the last
+    good checkpoint folder (None when none was written)."""
+
+    def __init__(self, message: str, *, step: int, layer: str | None, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.layer, self.checkpoint = step, layer, checkpoint
+
+
 def check_trainer_options(*, lr: float, epochs: float = 1, accumulation: int = 1,
                           lr_schedule: str = "linear", warmup: float = 0.1, weight_decay: float = 0.0,
-                          max_grad_norm: float | None = 1.0) -> None:
+                          max_grad_norm: float | None = 1.0, checkpoint_every: int | None = None) -> None:
     """Raise a LorazooError (SpecError) naming the first bad training option."""
     check_number("lr", lr, strict=True)
+    if checkpoint_every is not None:
+        check_number("checkpoint_every", checkpoint_every, minimum=1, integer=True)
     check_number("epochs", epochs, strict=True)
     check_number("accumulation", accumulation, minimum=1, integer=True)
     check_number("warmup", warmup)
@@ -83,18 +111,32 @@ class Trainer:
     ``warmup`` is a fraction of the optimizer steps when below 1, else a number of steps.
     ``evaluate(model) -> dict`` runs at the end of each (partial) epoch, in eval mode.
     ``progress`` shows a tqdm bar and the per-epoch metrics on stderr; off, the trainer prints nothing.
+    ``checkpoint_dir`` and ``checkpoint_every`` (steps) turn checkpoints on (see the module
+    docstring); ``keep_checkpoints`` is how many of the newest stay on disk; ``extra`` (a JSON
+    dict) is stored in each checkpoint for the caller.
     """
 
     def __init__(self, model: nn.Module, handle: AdapterHandle, *, lr: float, epochs: float = 1,
                  accumulation: int = 1, lr_schedule: str = "linear", warmup: float = 0.1,
                  weight_decay: float = 0.0, max_grad_norm: float | None = 1.0, progress: bool = True,
-                 evaluate: Callable[[nn.Module], dict] | None = None):
+                 evaluate: Callable[[nn.Module], dict] | None = None, checkpoint_dir=None,
+                 checkpoint_every: int | None = None, keep_checkpoints: int = 1, extra: dict | None = None):
         check_trainer_options(lr=lr, epochs=epochs, accumulation=accumulation, lr_schedule=lr_schedule,
-                              warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+                              warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                              checkpoint_every=checkpoint_every)
+        check_number("keep_checkpoints", keep_checkpoints, minimum=1, integer=True)
+        if checkpoint_every is not None and checkpoint_dir is None:
+            raise LorazooError("checkpoint_every needs checkpoint_dir, the folder the checkpoints go to")
         self.model, self.handle = model, handle
         self.lr, self.epochs, self.accumulation = float(lr), float(epochs), int(accumulation)
         self.lr_schedule, self.warmup, self.weight_decay = lr_schedule, warmup, float(weight_decay)
         self.max_grad_norm, self.progress, self.evaluate = max_grad_norm, progress, evaluate
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
+        self.keep_checkpoints, self.extra = int(keep_checkpoints), dict(extra or {})
+        self.last_checkpoint: Path | None = None  # the newest good checkpoint written or resumed from
+        self.resumed_from: Path | None = None
+        self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed from
         self.optimizer = torch.optim.AdamW(handle.param_groups(self.lr, self.weight_decay))
         for g in self.optimizer.param_groups:
             g["base_lr"] = g["lr"]
@@ -123,9 +165,11 @@ class Trainer:
         return int(round(self.warmup * total)) if self.warmup < 1 else int(self.warmup)
 
     # --- the loop -----------------------------------------------------------------------------
-    def fit(self, batches: Sequence[dict] | Callable[[int], Sequence[dict]]) -> dict:
+    def fit(self, batches: Sequence[dict] | Callable[[int], Sequence[dict]], resume=False) -> dict:
         """Train. ``batches`` is a list of batch dicts, or ``epoch -> list`` (reshuffled each epoch).
 
+        ``resume``: True continues from the newest checkpoint in ``checkpoint_dir`` (from the start
+        when there is none yet); a folder continues from that checkpoint (or the newest one in it).
         Returns ``{"losses", "lrs", "metrics_per_epoch", "train_seconds", "steps"}``; evaluation
         time is not counted in ``train_seconds``.
         """
@@ -135,25 +179,47 @@ class Trainer:
         total = sum(math.ceil(n / self.accumulation) for _, n in plan)
         warm = self.warmup_steps(total)
         self.handle.plan(total)  # schedules sized by the run (AdaLoRA's budget)
+        position, rng = (0, 0), None
+        folder = self._resume_folder(resume)
+        if folder is not None:
+            position, rng = self._restore(folder, plan, total, len(first))
+        self._saved_step = self.step if folder is not None else None
         bar = _progress_bar(total, self.progress)
+        bar.update(self.step if folder is not None else 0)
         try:
-            for epoch, n in plan:
+            for i, (epoch, n) in enumerate(plan):
+                if i < position[0]:
+                    continue
+                start0 = position[1] if i == position[0] else 0
+                if rng is not None and start0 == 0:  # resumed at an epoch boundary: its data comes next
+                    ckpt.set_rng_state(*rng)
+                    rng = None
                 epoch_batches = first if epoch == 0 else list(get(epoch))
+                if rng is not None:  # resumed mid-epoch: the epoch's data was drawn before the checkpoint
+                    ckpt.set_rng_state(*rng)
+                    rng = None
                 if len(epoch_batches) < n:
                     raise LorazooError(f"epoch {epoch} has {len(epoch_batches)} batches, expected {n}")
-                for start in range(0, n, self.accumulation):
+                for start in range(start0, n, self.accumulation):
                     group = epoch_batches[start:min(n, start + self.accumulation)]
                     t0 = time.perf_counter()
                     loss = self._step(group, total, warm)
                     self.train_seconds += time.perf_counter() - t0
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
+                    if start + self.accumulation < n:
+                        self._maybe_checkpoint((i, start + self.accumulation), total, len(first))
                 if self.evaluate is not None:
                     metrics = self._evaluate()
                     self.metrics_per_epoch.append({"epoch": round(epoch + n / len(first), 4), **metrics})
                     if self.progress:
                         bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()),
                                   file=sys.stderr)
+                self._maybe_checkpoint((i + 1, 0), total, len(first))
+            if rng is not None:  # resumed from the final checkpoint: nothing was left to do
+                ckpt.set_rng_state(*rng)
+            if self.checkpoint_every is not None and self._saved_step != self.step:
+                self._save_checkpoint((len(plan), 0), total, len(first))  # the finished run
         finally:
             bar.close()
             self.model.eval()
@@ -167,6 +233,7 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         model.train()
+        rng_before = ckpt.torch_rng_state()  # to replay the step if it goes non-finite
         sizes = [batch_size_of(b) for b in group]
         n_total = sum(sizes)
         step_loss = 0.0
@@ -177,10 +244,13 @@ class Trainer:
             weight = size / n_total
             ((loss + handle.aux_loss()) * weight).backward()
             step_loss += loss.item() * weight
-        if not math.isfinite(step_loss):
-            raise LorazooError(f"training loss became {step_loss} at step {step}; lower the learning rate")
+        params = handle.trainable_parameters()
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(handle.trainable_parameters(), self.max_grad_norm)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        else:
+            norm = grad_norm(params)
+        if not (math.isfinite(step_loss) and math.isfinite(norm)):
+            raise self._non_finite(group, sizes, step, step_loss, norm, rng_before)
         handle.before_step(opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -198,6 +268,194 @@ class Trainer:
                 return dict(self.evaluate(self.model))
         finally:
             self.model.train(was_training)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _options(self) -> dict:
+        """The options a resumed run must share with the run that wrote the checkpoint."""
+        return {"lr": self.lr, "epochs": self.epochs, "accumulation": self.accumulation,
+                "lr_schedule": self.lr_schedule, "warmup": self.warmup, "weight_decay": self.weight_decay,
+                "max_grad_norm": self.max_grad_norm}
+
+    def _maybe_checkpoint(self, position: tuple[int, int], total: int, per_epoch: int) -> None:
+        if self.checkpoint_every is not None and self.step % self.checkpoint_every == 0 \
+                and self._saved_step != self.step:
+            self._save_checkpoint(position, total, per_epoch)
+
+    def _save_checkpoint(self, position, total, per_epoch) -> Path:
+        bad = non_finite_parameters(self.handle)
+        if bad:
+            raise NonFiniteError(
+                f"after step {self.step} the adapter's parameters {', '.join(bad[:3])} are not finite (an update "
+                f"overflowed); lower the learning rate. {self._kept()}",
+                step=self.step, layer=_layer_of(self.handle, bad[0]), checkpoint=self.last_checkpoint)
+        tensors: dict[str, torch.Tensor] = {}
+        opt_t, opt_j = ckpt.optimizer_state(self.optimizer)
+        sch_t, sch_j = ckpt.part_state("schedule", self.handle.schedule)
+        optim_t, optim_j = ckpt.part_state("optim", self.handle.optim)
+        rng_t, rng_j = ckpt.rng_state()
+        for t in (opt_t, sch_t, optim_t, rng_t):
+            tensors.update(t)
+        state = {"step": self.step, "position": list(position),
+                 "total_steps": total, "batches_per_epoch": per_epoch, "options": self._options(),
+                 "losses": self.losses, "lrs": self.lrs, "metrics_per_epoch": self.metrics_per_epoch,
+                 "train_seconds": self.train_seconds, "optimizer": opt_j, "schedule": sch_j, "optim": optim_j,
+                 "rng": rng_j, "extra": self.extra}
+        self.last_checkpoint = ckpt.write_checkpoint(self.checkpoint_dir, self.step, self.handle, tensors, state,
+                                                     keep=self.keep_checkpoints)
+        self._saved_step = self.step
+        return self.last_checkpoint
+
+    def _resume_folder(self, resume) -> Path | None:
+        if resume is False or resume is None:
+            return None
+        if resume is True:
+            if self.checkpoint_dir is None:
+                raise LorazooError("fit(resume=True) needs checkpoint_dir, the folder the checkpoints are in")
+            return ckpt.latest_checkpoint(self.checkpoint_dir)
+        folder = Path(resume)
+        if (folder / ckpt.STATE_JSON).is_file():
+            return folder
+        found = ckpt.latest_checkpoint(folder)
+        if found is None:
+            raise LoadError(f"{str(folder)!r} holds no training checkpoint")
+        return found
+
+    def _restore(self, folder: Path, plan, total: int, per_epoch: int):
+        """Load the checkpoint in ``folder``; (data position, RNG state to set when data is drawn)."""
+        tensors, state = ckpt.read_checkpoint(folder)
+        saved = state.get("options", {})
+        for k, now in self._options().items():
+            if saved.get(k) != now:
+                raise LorazooError(f"the checkpoint {folder} was written with {k}={saved.get(k)!r}, this trainer "
+                                   f"has {k}={now!r}; resume with the options the run started with")
+        if (state.get("total_steps"), state.get("batches_per_epoch")) != (total, per_epoch):
+            raise LorazooError(
+                f"the checkpoint {folder} is from a run of {state.get('total_steps')} steps over "
+                f"{state.get('batches_per_epoch')} batches an epoch, this one has {total} over {per_epoch}: "
+                f"resume on the same data and batch size")
+        position = state.get("position")
+        if not (isinstance(position, list) and len(position) == 2 and all(isinstance(v, int) for v in position)):
+            raise LoadError(f"the checkpoint {folder} has no valid data position; it is damaged")
+        i, start = position
+        done = sum(math.ceil(n / self.accumulation) for _, n in plan[:i]) + math.ceil(start / self.accumulation)
+        if done != state["step"]:
+            raise LoadError(f"the checkpoint {folder} is inconsistent: step {state['step']} at data position "
+                            f"{position}")
+        ckpt.restore_adapter(self.handle, folder)
+        ckpt.load_optimizer_state(self.optimizer, tensors, state.get("optimizer", {}))
+        ckpt.load_part_state("schedule", self.handle.schedule, tensors, state.get("schedule", {}))
+        ckpt.load_part_state("optim", self.handle.optim, tensors, state.get("optim", {}))
+        self.step = int(state["step"])
+        self.losses, self.lrs = list(state.get("losses", [])), list(state.get("lrs", []))
+        self.metrics_per_epoch = list(state.get("metrics_per_epoch", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.last_checkpoint = self.resumed_from = folder
+        return (i, start), (tensors, state.get("rng", {}))
+
+    # --- non-finite values --------------------------------------------------------------------
+    def _kept(self) -> str:
+        if self.last_checkpoint is None:
+            hint = " (set checkpoint_dir and checkpoint_every to keep one)" if self.checkpoint_every is None else ""
+            return f"No checkpoint was written before it{hint}."
+        return (f"The last good checkpoint, {self.last_checkpoint} (step {self._saved_step}), is kept; "
+                f"resume from it with fit(resume=...) or `lorazoo train --resume`.")
+
+    def _non_finite(self, group, sizes, step, step_loss, norm, rng_before) -> NonFiniteError:
+        """Replay the step's micro-batches with hooks on the adapted layers; the error naming the
+        first one (in forward order) whose output went non-finite."""
+        found = locate_non_finite(self.model, self.handle, group, sizes, rng_before)
+        layer, where = found
+        what = (f"the loss is {step_loss:g}" if not math.isfinite(step_loss)
+                else f"the loss is {step_loss:.4g} but the gradient norm is {norm:g}")
+        where = where[:1].upper() + where[1:]
+        return NonFiniteError(f"training stopped at step {step}: {what}. {where}; lower the learning rate or check "
+                              f"the data. {self._kept()}", step=step, layer=layer, checkpoint=self.last_checkpoint)
+
+
+def grad_norm(params) -> float:
+    """The total 2-norm of the parameters' gradients (what clipping measures)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device)
+                                                       for g in grads])))
+
+
+def non_finite_parameters(handle: AdapterHandle) -> list[str]:
+    """Names of the adapter's tensors holding NaN or infinity."""
+    return [k for k, v in handle.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _layer_of(handle: AdapterHandle, tensor_name: str) -> str | None:
+    """The adapted layer a tensor of ``handle.state_dict()`` belongs to (None: a saved module's)."""
+    paths = [p for p in handle.layers() if tensor_name.startswith(p + ".")]
+    return max(paths, key=len) if paths else None
+
+
+def locate_non_finite(model: nn.Module, handle: AdapterHandle, group, sizes, rng_state) -> tuple[str | None, str]:
+    """Re-run ``group`` (RNG as at the step's start) with forward hooks on the adapter's layers;
+    (first layer to go non-finite or None, a sentence saying where)."""
+    layers = handle.layers()
+    forward: list[tuple[str, bool, bool]] = []   # (path, input finite, output finite) in call order
+    backward: list[tuple[str, bool]] = []        # (path, gradient of output finite) in backward order
+
+    def hook_for(path):
+        def hook(module, args, out):
+            x = args[0] if args and torch.is_tensor(args[0]) else None
+            if not torch.is_tensor(out):
+                return
+            with torch.no_grad():
+                forward.append((path, x is None or bool(torch.isfinite(x).all()), bool(torch.isfinite(out).all())))
+            if out.requires_grad:
+                out.register_hook(lambda g: backward.append((path, bool(torch.isfinite(g).all()))))
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(path)) for path, layer in layers.items()]
+    model.zero_grad(set_to_none=True)
+    for p in handle.trainable_parameters():
+        p.grad = None
+    failed = None
+    try:
+        ckpt.set_torch_rng_state(rng_state)
+        model.train()
+        n_total = sum(sizes)
+        for batch, size in zip(group, sizes):
+            loss = model(**batch).loss
+            total = (loss + handle.aux_loss()) * (size / n_total)
+            if total.requires_grad:
+                total.backward()
+    except Exception as e:  # the replay itself failed: report what was seen so far
+        failed = f"{type(e).__name__}: {e}"
+    finally:
+        for h in handles:
+            h.remove()
+    order = list(dict.fromkeys(p for p, _, _ in forward))
+    for path, x_ok, y_ok in forward:
+        if not y_ok:
+            cause = "its input was already non-finite (the data, or the layers before it)" if not x_ok else \
+                "its input was finite"
+            return path, (f"the first adapted layer (in forward order) whose output went non-finite is {path!r}: "
+                          f"{cause}")
+    for path, ok in backward:
+        if not ok:
+            return path, (f"every adapted layer's output was finite; the gradient went non-finite first (in "
+                          f"backward order) at the output of {path!r}, in the layers after it or the loss")
+    for path in order:
+        ad = layers[path].adapters[handle.name]
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in ad.parameters()):
+            return path, (f"the first adapted layer (in forward order) whose gradient went non-finite is {path!r}: "
+                          f"its parameters' gradients, though its output and the gradient reaching it were finite")
+    others = [n for n, p in handle.named_trainable_parameters()
+              if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if others:
+        return None, f"every adapted layer stayed finite; the gradients of {', '.join(others[:3])} went non-finite"
+    if forward and all(y for _, _, y in forward):
+        note = f" (the replay failed: {failed})" if failed else ""
+        return None, (f"every adapted layer's output and gradient was finite ({', '.join(order[:6])}"
+                      f"{', ...' if len(order) > 6 else ''}): the loss went non-finite after them (the layers that "
+                      f"follow, the head, or the loss itself){note}")
+    return None, ("the non-finite value did not come back when the step was replayed"
+                  + (f" (the replay failed: {failed})" if failed else ""))
 
 
 def _fmt(v) -> str:

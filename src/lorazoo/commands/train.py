@@ -1,7 +1,9 @@
 """lorazoo train: train one adapter on a task, print the metric before and after, save it.
 
 With no arguments it runs the embedded default job: LoRA r=8 on the sentiment task, sized to take
-a few minutes on 2 CPU cores.
+a few minutes on 2 CPU cores. ``--checkpoint-every N`` writes a training checkpoint every N steps
+into OUT/checkpoints; ``lorazoo train --resume OUT`` continues such a run, killed at any moment,
+from its newest checkpoint, with the settings it was started with (OUT/run.json).
 """
 from __future__ import annotations
 
@@ -48,9 +50,14 @@ def register(sub) -> None:
                    help="a part option, e.g. loraplus_ratio=16 (repeatable)")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option, e.g. max_length=64 or test_size=1000 (repeatable)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write a training checkpoint every N steps into OUT/checkpoints (default: none)")
+    p.add_argument("--resume", default=None, metavar="OUT",
+                   help="continue the run saved in OUT (started with --checkpoint-every) from its newest "
+                        "checkpoint, with the settings it was started with; takes no other run flags")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the full result as JSON at the end")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, _parser=p)
 
 
 def parse_options(pairs: list[str], flag: str) -> dict:
@@ -99,12 +106,56 @@ def resolve_run_defaults(args) -> None:
             setattr(args, key, task_defaults.get(key, DEFAULTS[key]))
 
 
+# flags --resume may be given with: they do not change the run
+RESUME_FLAGS = {"resume", "no_progress", "json", "func", "_parser", "command"}
+
+
+def resume_main(args) -> int:
+    """``lorazoo train --resume OUT``: rerun ``run`` with the arguments stored in OUT/run.json."""
+    from pathlib import Path
+
+    from ..errors import LorazooError
+    from ..run import RUN_FILE, read_run_arguments, run
+    from ..spec import AdapterSpec
+
+    parser = args._parser
+    given = sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
+                   if k not in RESUME_FLAGS and v != parser.get_default(k))
+    if given:
+        raise LorazooError(f"--resume takes the run's settings from {args.resume}/{RUN_FILE}; drop "
+                           f"{', '.join(given)}")
+    stored = read_run_arguments(args.resume)
+    if stored is None:
+        what = "does not exist" if not Path(args.resume).is_dir() else f"holds no {RUN_FILE}"
+        raise LorazooError(f"cannot resume {args.resume!r}: it {what}; only runs started with --checkpoint-every "
+                           f"can be resumed")
+    kwargs = dict(stored)
+    task, spec = kwargs.pop("task"), AdapterSpec.from_dict(kwargs.pop("spec"))
+    print(f"lorazoo train: resuming {args.resume} ({spec.form}/{spec.init}/{spec.scale}/{spec.optim}/"
+          f"{spec.schedule} r={spec.rank} on {task})", file=sys.stderr)
+    result = run(task, spec, out_dir=args.resume, progress=not args.no_progress, resume=True, **kwargs)
+    _report(result, args.resume, args.json)
+    return 0
+
+
+def _report(result: dict, out, as_json: bool) -> None:
+    m = result["metric_name"]
+    print(f"{m} before: {result['metric_before']:.4f}")
+    print(f"{m} after:  {result['metric']:.4f}")
+    print(f"trained {result['steps']} steps in {result['train_seconds']:.1f} s, "
+          f"{result['trainable_params']:,} trainable parameters; adapter saved to {out}")
+    if as_json:
+        print(json.dumps(result, indent=1))
+
+
 def main(args) -> int:
     from ..errors import LorazooError
     from ..run import TRAINER_OPTIONS, run
     from ..tasks.base import get_task
     from ..train import check_trainer_options
 
+    if getattr(args, "resume", None) is not None:
+        return resume_main(args)
     spec = build_spec(args)
     resolve_run_defaults(args)
     if args.limit is not None and args.limit < 0:
@@ -118,7 +169,7 @@ def main(args) -> int:
         spec = type(spec).from_dict({**spec.to_dict(), "targets": task.targets})
     trainer_opts = {"lr_schedule": args.lr_schedule, "warmup": args.warmup, "accumulation": args.accumulation,
                     "weight_decay": args.weight_decay}
-    check_trainer_options(lr=args.lr, epochs=args.epochs, **trainer_opts)
+    check_trainer_options(lr=args.lr, epochs=args.epochs, checkpoint_every=args.checkpoint_every, **trainer_opts)
     out = args.out or f"runs/{run_name(args)}"
 
     print(f"lorazoo train: {args.variant} ({spec.form}/{spec.init}/{spec.scale}/{spec.optim}/{spec.schedule}) "
@@ -126,12 +177,6 @@ def main(args) -> int:
           f"lr={args.lr}", file=sys.stderr)
     result = run(args.task, spec, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                  limit=args.limit or None, seed=args.seed, out_dir=out, progress=not args.no_progress,
-                 **trainer_opts, **task_options)
-    m = result["metric_name"]
-    print(f"{m} before: {result['metric_before']:.4f}")
-    print(f"{m} after:  {result['metric']:.4f}")
-    print(f"trained {result['steps']} steps in {result['train_seconds']:.1f} s, "
-          f"{result['trainable_params']:,} trainable parameters; adapter saved to {out}")
-    if args.json:
-        print(json.dumps(result, indent=1))
+                 checkpoint_every=args.checkpoint_every, **trainer_opts, **task_options)
+    _report(result, out, args.json)
     return 0

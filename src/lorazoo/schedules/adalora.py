@@ -209,6 +209,29 @@ class AdaLoRASchedule(Schedule):
             form.rank_mask.copy_(k)
             form.lam.masked_fill_(~k, 0.0)
 
+    # --- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self):
+        """The smoothed sensitivities (Ī, Ū) of every tensor, the last step seen and the budget's
+        plan; the masks are the forms' ``rank_mask`` buffers, saved with the adapter."""
+        keys = sorted(self.ema)
+        state = {"step": self.step, "plan": [self.total, self.t_init, self.t_final],
+                 "ema_keys": [list(k) for k in keys]}
+        for i, k in enumerate(keys):
+            state[f"ema_i.{i}"], state[f"ema_u.{i}"] = self.ema[k]
+        return state
+
+    def load_state_dict(self, state):
+        keys = state.get("ema_keys", [])
+        try:
+            ema = {(path, name): (state[f"ema_i.{i}"], state[f"ema_u.{i}"]) for i, (path, name) in enumerate(keys)}
+        except (KeyError, ValueError, TypeError) as e:
+            raise LorazooError(f"the AdaLoRA schedule state in the checkpoint is incomplete ({e})") from None
+        self.ema = {k: (i.clone(), u.clone()) for k, (i, u) in ema.items()}
+        self.step = int(state.get("step", 0))
+        total, t_init, t_final = state.get("plan", [None, None, None])
+        if total is not None:
+            self.total, self.t_init, self.t_final = int(total), int(t_init), int(t_final)
+
     # --- regularizer ----------------------------------------------------------------------------
     def aux_loss(self, handle):
         reg = self.spec.options["adalora_orth_reg"]

@@ -123,6 +123,16 @@ class ReLoRA(Schedule):
                 f"handle.plan(total_steps) before training (lorazoo's trainer does), or give it in steps")
         return self.interval
 
+    # --- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self):
+        """The phase length T and re-warmup resolved by ``plan``; the phase position is the
+        trainer's step, and the merges so far are the adapter's base shift (saved with it)."""
+        return {"interval": self.interval, "rewarm": self.rewarm}
+
+    def load_state_dict(self, state):
+        if state.get("interval") is not None:
+            self.interval, self.rewarm = int(state["interval"]), int(state["rewarm"])
+
     # --- merge-and-reinit ---------------------------------------------------------------------
     def after_step(self, handle, optimizer, step):
         if step % self.phase() == 0:
