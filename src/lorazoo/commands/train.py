@@ -25,8 +25,9 @@ def register(sub) -> None:
                    help="variant preset, see `lorazoo variants` (default: %(default)s)")
     for part in PART_FLAGS:
         p.add_argument(f"--{part}", help=f"override the preset's {part} part")
-    p.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="adapter rank (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="scale numerator (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="adapter rank (default: the preset's, e.g. VeRA's 256, else 8)")
+    p.add_argument("--alpha", type=float, default=None, help="scale numerator (default: the preset's, else 16)")
     p.add_argument("--rank-dropout", type=float, default=None, help="DropLoRA rank dropout (default: the preset's)")
     p.add_argument("--targets", default=None,
                    help="comma-separated module names, a regex, or all-linear (default: the task's)")
@@ -81,7 +82,7 @@ def build_spec(args):
     from ..spec import AdapterSpec
 
     fields = {part: getattr(args, part) for part in PART_FLAGS if getattr(args, part) is not None}
-    fields.update(rank=args.rank, alpha=args.alpha, seed=args.seed)
+    fields.update({k: getattr(args, k) for k in ("rank", "alpha") if getattr(args, k) is not None}, seed=args.seed)
     if args.rank_dropout is not None:
         fields["rank_dropout"] = args.rank_dropout
     if args.targets is not None:
