@@ -122,13 +122,15 @@ def rank_mask_draw(rank: int, p: float) -> tuple[int, torch.Tensor]:
 
 def rewrite_file(folder, change_config=lambda cfg: None, change_tensors=lambda t: None, checksum=True) -> None:
     """Edit a saved adapter where load reads it (the safetensors header holds the config); with
-    ``checksum`` the edited tensors get a matching checksum, as a deliberate (not damaged) file would."""
+    ``checksum`` the edited tensors and config get matching checksums, as a deliberate (not damaged)
+    file would."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from lorazoo.files import checksum as sha
+    from lorazoo.files import config_checksum as config_sha
 
     f = folder / "adapter.safetensors"
     with safe_open(str(f), framework="pt") as sf:
@@ -138,4 +140,6 @@ def rewrite_file(folder, change_config=lambda cfg: None, change_tensors=lambda t
     if checksum:
         cfg["checksum"] = sha(tensors)
     change_config(cfg)
+    if checksum and isinstance(cfg, dict) and "config_checksum" in cfg:
+        cfg["config_checksum"] = config_sha(cfg)
     save_file(tensors, str(f), metadata={**meta, "lorazoo_config": json.dumps(cfg)})

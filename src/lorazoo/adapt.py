@@ -14,6 +14,7 @@ from .handle import AdapterHandle, handles_of
 from .layer import AdaptedLayer, Adapter, base_weights, set_module
 from .parts import BuildContext
 from .registry import SCALES
+from .saved import SavedModule
 from .spec import AdapterSpec
 from .targets import select_targets
 
@@ -39,9 +40,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     parts = spec.part_classes()
     form_cls = parts["form"]
     layers = select_targets(model, spec.targets)
-    for p in spec.modules_to_save:
-        if not any(n == p or n.endswith("." + p) for n, _ in model.named_modules()):
-            raise TargetError(f"modules_to_save entry {p!r} names no module of the model")
+    saved, layers = _resolve_saved(model, spec, layers)
 
     init = parts["init"](spec)
     if init.needs_calibration and calibration is None and _initialize:
@@ -63,11 +62,14 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     wrapped: list[tuple[str, nn.Module]] = []
     touched: list[AdaptedLayer] = []
     try:
-        handle = _attach(model, spec, name, layers, shapes, ranks, fp, init, form_cls, _initialize,
+        handle = _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls, _initialize,
                          wrapped, touched)
     except BaseException:
         for layer in reversed(touched):
-            if name in layer.adapters:
+            if isinstance(layer, SavedModule):
+                if name in layer.copies:
+                    layer.remove(name)
+            elif name in layer.adapters:
                 layer.remove(name)  # also undoes a base shift the init made
         for path, mod in reversed(wrapped):
             set_module(model, path, mod)
@@ -78,8 +80,9 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     return handle
 
 
-def _attach(model, spec, name, layers, shapes, ranks, fp, init, form_cls, initialize, wrapped, touched):
-    """Wrap the targets, build and initialize the adapter on each; record every change made."""
+def _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls, initialize, wrapped, touched):
+    """Wrap the targets, build and initialize the adapter on each, give it its own copy of each
+    saved module; record every change made."""
     for p in model.parameters():
         p.requires_grad_(False)
     max_in = max(s[0] for s in shapes.values())
@@ -110,9 +113,76 @@ def _attach(model, spec, name, layers, shapes, ranks, fp, init, form_cls, initia
                 form.after_factor_init(weight)  # derived state from the final factors/base (DoRA's m)
     if len(ctx.banks):  # shared tensors live once, in the first layer's adapter
         first.shared = ctx.banks.to(device=weight.device, dtype=weight.dtype)
+    for path in saved:  # modules_to_save: a copy per adapter, the original kept (lorazoo.saved)
+        wrapper = model.get_submodule(path)
+        if not isinstance(wrapper, SavedModule):
+            wrapper = SavedModule(wrapper)
+            set_module(model, path, wrapper)
+            wrapped.append((path, wrapper.original))
+        touched.append(wrapper)
+        wrapper.add(name)
     handle = AdapterHandle(model, name, spec, fp, {p: ranks.get(p, spec.rank) for p in layers})
     handle.activate()
     return handle
+
+
+def _inside(a: str, b: str) -> bool:
+    """Module path ``a`` is ``b`` or inside it."""
+    return a == b or a.startswith(b + ".")
+
+
+def _resolve_saved(model: nn.Module, spec: AdapterSpec, layers: dict) -> tuple[list[str], dict]:
+    """The paths ``spec.modules_to_save`` names, and the targets left beside them.
+
+    A module cannot be both adapted and trained in full (its full copy would replace the adapted
+    layer, and both would share the base weight): a saved module that is, contains or sits inside
+    a target of this adapter or any adapted layer is refused, naming both. Only the generic
+    selections "all-linear" and "all-conv" give way instead, as PEFT does: the layers inside saved
+    modules are left out of the targets. A saved module cannot overlap another one either, nor sit
+    inside the original or the copies a ``SavedModule`` holds.
+    """
+    modules = dict(model.named_modules())
+    wrappers = [p for p, m in modules.items() if isinstance(m, SavedModule)]
+    adapted = [p for p, m in modules.items() if isinstance(m, AdaptedLayer)]
+    generic = spec.targets in ("all-linear", "all-conv")
+    saved: list[str] = []
+    for entry in spec.modules_to_save:
+        found = [n for n in modules if n and (n == entry or n.endswith("." + entry))]
+        if not found:
+            raise TargetError(f"modules_to_save entry {entry!r} names no module of the model")
+        for n in found:
+            where = f"modules_to_save entry {entry!r} names {n!r}"
+            for w in wrappers:
+                if n != w and (_inside(n, w) or _inside(w, n)):
+                    raise TargetError(
+                        f"{where}, which {'is inside' if _inside(n, w) else 'contains'} {w!r}, a module "
+                        f"already saved in full by adapter(s) {', '.join(map(repr, modules[w].copies))}; "
+                        f"name {w!r} itself to give this adapter its own copy of it")
+            for a in adapted:
+                if _inside(n, a) or _inside(a, n):
+                    rel = "is" if n == a else ("is inside" if _inside(n, a) else "contains")
+                    raise TargetError(
+                        f"{where}, which {rel} the adapted layer {a!r} (adapter(s) "
+                        f"{', '.join(map(repr, modules[a].adapters))}): a layer cannot be adapted and trained "
+                        f"in full at once; remove it from modules_to_save or delete that adapter first")
+            for t in list(layers):
+                if _inside(t, n) and generic:
+                    del layers[t]  # "all-linear" / "all-conv" leave saved modules alone
+                elif _inside(t, n) or _inside(n, t):
+                    rel = "is" if n == t else ("contains" if _inside(t, n) else "is inside")
+                    raise TargetError(
+                        f"{where}, which {rel} {t!r}, a target of this adapter: a layer cannot be adapted "
+                        f"and trained in full at once; remove it from modules_to_save or from targets")
+            for s in saved:
+                if s != n and (_inside(n, s) or _inside(s, n)):
+                    raise TargetError(f"{where}, which overlaps {s!r}, also in modules_to_save; "
+                                      f"keep only one of them")
+            if n not in saved:
+                saved.append(n)
+    if not layers:
+        raise TargetError(f"targets {spec.targets!r} left no layer to adapt: every one is inside modules_to_save "
+                          f"{spec.modules_to_save!r}")
+    return saved, layers
 
 
 def _shape(m: nn.Module) -> tuple[int, int]:

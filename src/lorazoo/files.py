@@ -45,6 +45,7 @@ SCHEMA = {  # what a config must look like before anything else reads it
                 {"type": "array", "items": _NUMBER, "minItems": 3, "maxItems": 3}],
             "minItems": 2, "maxItems": 2}},
         "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "config_checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     },
 }
 
@@ -89,9 +90,13 @@ def read_config(path) -> dict:
         at = "/".join(str(k) for k in e.absolute_path) or "the top level"
         raise LoadError(f"the config in {where} is not a valid lorazoo adapter config: at {at}, "
                         f"{e.message[:200]}") from None
-    if config["format"] >= 2 and "checksum" not in config:
-        raise LoadError(f"the config in {where} has no checksum, which format {config['format']} files carry; "
-                        f"the file was edited or damaged, save the adapter again")
+    missing = [k for k in ("checksum", "config_checksum") if k not in config]
+    if config["format"] >= 2 and missing:
+        raise LoadError(f"the config in {where} has no {' or '.join(missing)}, which format {config['format']} "
+                        f"files carry; the file was edited or damaged, save the adapter again")
+    if config["format"] >= 2 and config_checksum(config) != config["config_checksum"]:
+        raise LoadError(f"the config in {where} does not match the checksum it records: it was changed after "
+                        f"saving (a damaged byte can turn alpha=16 into 36); save the adapter again")
     return config
 
 
@@ -107,6 +112,13 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def config_checksum(config: dict) -> str:
+    """SHA-256 of the config as JSON (sorted keys), without its own ``config_checksum``: the tensors'
+    checksum cannot see a damaged number in the config (alpha, dropout, an option)."""
+    body = {k: v for k, v in config.items() if k != "config_checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def read_tensors(path, config: dict) -> dict[str, torch.Tensor]:
@@ -154,6 +166,8 @@ def write_adapter(path, tensors: dict, config: dict) -> None:
     for stale in [*path.glob(f".{TENSORS}.*"), *path.glob(f".{CONFIG}.*")]:
         stale.unlink(missing_ok=True)  # temporaries of an earlier save that was killed
     config = {"lorazoo_version": __version__, "format": FORMAT, **config, "checksum": checksum(tensors)}
+    config = json.loads(json.dumps(config))  # as a load will read it back (tuples as lists, ...)
+    config["config_checksum"] = config_checksum(config)
     text = json.dumps(config, indent=1)
     _atomic(path / TENSORS, lambda f: save_file(tensors, f, metadata={"format": "pt", "lorazoo_config": text}))
     _atomic(path / CONFIG, lambda f: Path(f).write_text(text))

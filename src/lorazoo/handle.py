@@ -12,6 +12,7 @@ from .files import write_adapter
 from .fingerprint import short
 from .layer import Adapter, AdaptedLayer, set_module
 from .parts import check_number
+from .saved import saved_wrappers
 from .spec import AdapterSpec
 
 _HANDLES = "_lorazoo_handles"
@@ -51,9 +52,10 @@ class AdapterHandle:
         return {p: m.adapters[self.name] for p, m in self.layers().items()}
 
     def saved_modules(self) -> dict[str, nn.Module]:
-        """Modules trained and saved in full with this adapter (``modules_to_save``)."""
-        return {n: m for n, m in self.model.named_modules()
-                if any(n == t or n.endswith("." + t) for t in self.spec.modules_to_save)}
+        """This adapter's copies of the modules it trains and saves in full (``modules_to_save``),
+        by the path of the module they stand for (see lorazoo.saved)."""
+        self._check_alive()
+        return {p: w.copies[self.name] for p, w in saved_wrappers(self.model).items() if self.name in w.copies}
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, ad in self.adapters().items():
@@ -147,16 +149,18 @@ class AdapterHandle:
 
     @contextlib.contextmanager
     def disabled(self):
-        """Within this block the model computes as if this adapter were not there."""
+        """Within this block the model computes as if this adapter were not there (its saved
+        modules give way to the original modules)."""
         layers = self.layers()
         if self.merged:
             raise LorazooError(f"adapter {self.name!r} is merged; unmerge() it before disabling it")
-        for layer in layers.values():
+        wrappers = [w for w in saved_wrappers(self.model).values() if self.name in w.copies]
+        for layer in [*layers.values(), *wrappers]:
             layer.disabled.add(self.name)
         try:
             yield self
         finally:
-            for layer in layers.values():
+            for layer in [*layers.values(), *wrappers]:
                 layer.disabled.discard(self.name)
 
     # --- persistence ----------------------------------------------------------------------
@@ -179,11 +183,17 @@ class AdapterHandle:
             "base_fingerprint": short(self.fingerprint), "fingerprint": self.fingerprint})
 
     def delete(self) -> None:
-        """Remove this adapter; the base weights are restored (merges and shifts undone)."""
+        """Remove this adapter; the base weights are restored (merges and shifts undone) and its
+        saved modules give the original modules back."""
         for path, layer in self.layers().items():
             layer.remove(self.name)
             if not layer.adapters:
                 set_module(self.model, path, layer.base)
+        for path, wrapper in saved_wrappers(self.model).items():
+            if self.name in wrapper.copies:
+                wrapper.remove(self.name)
+                if not len(wrapper.copies):
+                    set_module(self.model, path, wrapper.original)
         del handles_of(self.model)[self.name]
         self.model = None
 
@@ -202,14 +212,21 @@ def activate(model: nn.Module, *names: str) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise LorazooError(f"no adapter named {', '.join(map(repr, unknown))}; the model has {list(known)}")
+    wrappers = saved_wrappers(model)
+    for path, w in wrappers.items():
+        both = [n for n in names if n in w.copies]
+        if len(both) > 1:
+            raise LorazooError(f"adapters {', '.join(map(repr, both))} each train their own copy of {path!r} "
+                               f"(modules_to_save), so they cannot be active together; activate one of them")
     for m in model.modules():
         if isinstance(m, AdaptedLayer):
             m.active = [n for n in names if n in m.adapters]
             for n, ad in m.adapters.items():
                 for p in ad.parameters():  # a form marks a frozen parameter with _lorazoo_frozen
                     p.requires_grad_(n in names and not getattr(p, "_lorazoo_frozen", False))
-    for n, h in known.items():
-        for mod in h.saved_modules().values():
+    for w in wrappers.values():
+        w.active = next((n for n in names if n in w.copies), None)
+        for n, mod in w.copies.items():
             mod.requires_grad_(n in names)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from .conv import check_conv, is_conv2d
 from .errors import TargetError
 from .layer import AdaptedLayer, is_linear_like
+from .saved import SavedModule
 
 # Output heads that "all-linear" leaves alone (as PEFT does): they map to labels or the vocabulary.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head")
@@ -33,10 +34,15 @@ def _output_head_ids(model: nn.Module) -> set[int]:
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear-like or Conv2d layer (or already adapted layer), by dotted path."""
-    found = {}
+    """Every linear-like or Conv2d layer (or already adapted layer), by dotted path; none inside a
+    ``modules_to_save`` wrapper (lorazoo.saved)."""
+    found, saved = {}, []
     for path, mod in model.named_modules():
-        if isinstance(mod, AdaptedLayer):
+        if any(path.startswith(s + ".") for s in saved):
+            continue  # the original and the copies inside a modules_to_save wrapper are not targets
+        if isinstance(mod, SavedModule):
+            saved.append(path)
+        elif isinstance(mod, AdaptedLayer):
             found[path] = mod
         elif (is_linear_like(mod) or is_conv2d(mod)) and not path.endswith(".base"):
             found[path] = mod

@@ -1,0 +1,67 @@
+"""Modules trained and saved in full with an adapter (``modules_to_save``): one copy per adapter.
+
+As PEFT's ``ModulesToSaveWrapper`` does, a module named in ``modules_to_save`` is replaced by a
+:class:`SavedModule` that keeps the original module untouched (frozen) and, for each adapter that
+saves it, a copy made when that adapter is added. The copy is what trains and what the adapter
+saves (under the module's own path, ``head.weight``, so the file format does not change).
+
+The forward runs the copy of the active adapter; the original runs when no adapter that saves the
+module is active or while that adapter is ``disabled()``. ``delete()`` drops the adapter's copy and,
+when no copy is left, puts the original module object back: the model is exactly as it was. Two
+adapters that both save one module cannot be active together (``activate`` refuses it, as PEFT
+does): only one of their copies could run. Attribute reads that are not the wrapper's own
+(``model.head.weight``, ``model.head.in_features``) go to the module that runs now.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+_OWN = frozenset({"original", "copies", "active", "disabled"})
+
+
+class SavedModule(nn.Module):
+    """The original module plus one trainable copy per adapter that saves it."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None   # the adapter whose copy runs (set by ``activate``)
+        self.disabled: set[str] = set()  # adapters inside their ``disabled()`` block
+
+    def add(self, name: str) -> nn.Module:
+        """A fresh copy of the original for adapter ``name`` (frozen until it is activated)."""
+        dup = copy.deepcopy(self.original)
+        dup.requires_grad_(False)
+        self.copies[name] = dup
+        return dup
+
+    def remove(self, name: str) -> None:
+        del self.copies[name]
+        if self.active == name:
+            self.active = None
+        self.disabled.discard(name)
+
+    def current(self) -> nn.Module:
+        """The module that runs now: the active adapter's copy, else the original."""
+        if self.active is not None and self.active not in self.disabled and self.active in self.copies:
+            return self.copies[self.active]
+        return self.original
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _OWN or name.startswith("_"):
+                raise
+            return getattr(self.current(), name)
+
+
+def saved_wrappers(model: nn.Module) -> dict[str, SavedModule]:
+    """Every SavedModule in ``model``, by path."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, SavedModule)}
