@@ -1,5 +1,6 @@
 """LoRMA (papers/lorma.txt): multiplicative updates W' = M·W0 with B (d, r), A (r, d), d = out:
-Eq. 6 M = s·BA; Eq. 8 M = s·BA + I; Eq. 7 M = I_pi(BA), row i of BA rotated cyclically by i."""
+Eq. 6 M = s·BA; Eq. 8 M = s·BA + I; Eq. 7 M = s·I_pi(BA), row i of BA rotated cyclically by i
+(the factor s = alpha/r as in the authors' code; Eq. 7 itself is the s = 1 case)."""
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def multiplier(form_name, B, A, s):
         return s * B @ A                               # Eq. 6
     if form_name == "lorma_plus":
         return s * B @ A + torch.eye(d, dtype=B.dtype)  # Eq. 8
-    return rotate_rows(B @ A)                           # Eq. 7
+    return s * rotate_rows(B @ A)                       # Eq. 7, authors' s
 
 
 def _parts(layer):
@@ -41,6 +42,9 @@ def test_matches_dense_reference(name):
         assert form.A.shape == (3, 16) and form.B.shape == (16, 3)
         M = multiplier(name, form.B.detach(), form.A.detach(), 5 / 3)
         x = layer_input(features=W0.shape[1])
+        torch.testing.assert_close(layer(x), x @ (M @ W0).T + b, rtol=1e-6, atol=0)
+        if name == "lorma_pi":  # the same through the FFT path (chosen by size; forced here)
+            form.fft_min_features = 1
         torch.testing.assert_close(layer(x), x @ (M @ W0).T + b, rtol=1e-6, atol=0)
         torch.testing.assert_close(W0 + form.delta_weight(W0), M @ W0, rtol=1e-6, atol=1e-12)
 
@@ -60,17 +64,29 @@ def test_rotation_follows_the_paper_figure():
     assert torch.equal(inflate_pi(R), rotate_rows(R))
 
 
-def test_lorma_pi_is_exactly_identity_at_init():
+@pytest.mark.parametrize("alpha", [4, 16])
+def test_lorma_pi_is_identity_at_init(alpha):
+    """Sec. 3.2.1 init, with the authors' 1/sqrt(s) on both factors: s·I_pi(BA) = I. Exact for
+    s = 1 (alpha = r); within one rounding otherwise. The model output equals the base's within
+    rounding (the adapted layer adds the bias after the matmul, the base fuses it)."""
     base = TinyNet()
-    model, handle = adapted("lorma_pi", rank=4)
+    model, handle = adapted("lorma_pi", rank=4, alpha=alpha)
+    s = alpha / 4
     x = layer_input(features=12)
     for name in ("fc1", "fc2"):
         form = getattr(model, name).adapters["default"].form
-        assert torch.equal(form.B[:, 0], torch.ones(16, dtype=torch.float64))
+        torch.testing.assert_close(form.B[:, 0], torch.full((16,), s ** -0.5, dtype=torch.float64), rtol=0, atol=0)
         assert torch.count_nonzero(form.B[:, 1:]) == 16 * 3      # the rest random
-        assert torch.count_nonzero(form.A) == 1 and form.A[0, 0] == 1
-        assert torch.equal(form.matrix(), torch.eye(16, dtype=torch.float64))  # exact, not close
-    assert torch.equal(model(x).logits, base(x).logits)
+        assert torch.count_nonzero(form.A) == 1 and form.A[0, 0] == s ** -0.5
+        eye = torch.eye(16, dtype=torch.float64)
+        if s == 1:
+            assert torch.equal(form.matrix(), eye)
+        torch.testing.assert_close(form.matrix(), eye, rtol=0, atol=1e-15)
+        y = layer_input(features=16, seed=5)
+        torch.testing.assert_close(form(y, y, None), y, rtol=1e-15, atol=1e-15)
+        form.fft_min_features = 1
+        torch.testing.assert_close(form(y, y, None), y, rtol=0, atol=1e-14)
+    torch.testing.assert_close(model(x).logits, base(x).logits, rtol=1e-13, atol=1e-13)
 
 
 def test_lorma_plus_identity_at_init_and_lorma_not():
@@ -116,8 +132,11 @@ def test_rank_mask_between_A_and_B():
     seed, keep = rank_mask_draw(6, 0.5)
     torch.manual_seed(seed)
     out = model.fc2(x)
-    M = rotate_rows(form.B.detach() @ torch.diag(keep) @ form.A.detach())
+    M = form.scale * rotate_rows(form.B.detach() @ torch.diag(keep) @ form.A.detach())
     torch.testing.assert_close(out, x @ (M @ W0).T + b, rtol=1e-6, atol=0)
+    form.fft_min_features = 1
+    torch.manual_seed(seed)
+    torch.testing.assert_close(model.fc2(x), x @ (M @ W0).T + b, rtol=1e-6, atol=1e-12)
 
 
 def test_lorma_pi_dropout_falls_on_the_update_only():
@@ -131,21 +150,55 @@ def test_lorma_pi_dropout_falls_on_the_update_only():
     y = x @ W0.T
     torch.manual_seed(4)
     dropped = torch.nn.functional.dropout(y, 0.5)
-    M = rotate_rows(form.B.detach() @ form.A.detach())
-    torch.testing.assert_close(out, y + dropped @ (M - torch.eye(16, dtype=M.dtype)).T + b, rtol=1e-6, atol=1e-12)
+    M = form.scale * rotate_rows(form.B.detach() @ form.A.detach())
+    ref = y + dropped @ (M - torch.eye(16, dtype=M.dtype)).T + b
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-12)
+    form.fft_min_features = 1
+    torch.manual_seed(4)
+    torch.testing.assert_close(model.fc2(x), ref, rtol=1e-6, atol=1e-12)
 
 
-def test_lorma_pi_gradient_through_rotation():
+@pytest.mark.parametrize("fft", [False, True])
+def test_lorma_pi_gradient_through_rotation(fft):
     model, handle = adapted("lorma_pi", rank=3)
     perturb(handle)
     form, W0, b = _parts(model.fc2)
+    if fft:
+        form.fft_min_features = 1
     x = layer_input(n=6)
     model.fc2(x).square().sum().backward()
     B, A = (t.detach().clone().requires_grad_(True) for t in (form.B, form.A))
-    ref = x @ (rotate_rows(B @ A) @ W0).T + b
+    ref = x @ (form.scale * rotate_rows(B @ A) @ W0).T + b
     gB, gA = torch.autograd.grad(ref.square().sum(), [B, A])
     torch.testing.assert_close(form.B.grad, gB, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(form.A.grad, gA, rtol=1e-6, atol=1e-12)
+
+
+def test_fft_product_matches_the_rotated_matrix():
+    """I_pi(BA)·y by circular correlation (FFT) against the elementwise I_pi, float64 and float32,
+    odd and even d, batched leading dimensions; bfloat16 input is computed in float32."""
+    from lorazoo.forms.lorma import pi_apply_fft
+
+    g = torch.Generator().manual_seed(0)
+    for d, r in ((16, 3), (17, 4), (30, 1)):
+        B, A = torch.randn(d, r, generator=g, dtype=torch.float64), torch.randn(r, d, generator=g, dtype=torch.float64)
+        y = torch.randn(2, 5, d, generator=g, dtype=torch.float64)
+        ref = y @ rotate_rows(B @ A).T
+        torch.testing.assert_close(pi_apply_fft(B, A, y), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(pi_apply_fft(B.float(), A.float(), y.float()), ref.float(), rtol=1e-4, atol=1e-4)
+        out = pi_apply_fft(B.bfloat16(), A.bfloat16(), y.bfloat16())
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_lorma_pi_never_forms_d_by_d_on_the_fft_path():
+    from tiny import op_shapes, single_layer
+
+    model, handle, layer = single_layer("lorma_pi", in_features=20, out_features=24, rank=3)
+    perturb(handle)
+    x = layer_input(n=5, features=20)
+    assert (24, 24) in op_shapes(lambda: layer(x).sum().backward())  # the dense path (small d)
+    layer.adapters["default"].form.fft_min_features = 1
+    assert (24, 24) not in op_shapes(lambda: layer(x).sum().backward())
 
 
 @pytest.mark.parametrize("name", ["lorma", "lorma_plus", "lorma_pi"])
