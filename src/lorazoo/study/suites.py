@@ -39,6 +39,9 @@ SUITES: dict[str, dict] = {
         "sweeps": [
             {"grid": {"task": ["sentiment"], "variant": TIER2_STUDY, "lr": [1e-3, 1e-2], "seed": [0]},
              "fixed": {"epochs": 1, "limit": 768, "batch_size": 8, "max_length": 48, "test_size": 400}},
+            {"grid": {"task": ["sentiment"], "variant": ["lorma_pi", "lorma_plus"], "lr": [1e-4, 3e-4, 1e-3, 1e-2],
+                      "seed": [0]},
+             "fixed": {"epochs": 1, "limit": 768, "batch_size": 8, "max_length": 48, "test_size": 400}},
         ],
     },
     "smoke": {
