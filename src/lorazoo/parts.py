@@ -188,7 +188,20 @@ class Init(Part):
         """
 
 
-class Optim(Part):
+class TrainingState:
+    """Checkpointable state of a training-time part (optim, schedule)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint must keep for an exact resume: a flat dict of name -> tensor or
+        JSON value (lists, numbers, strings). Stateless parts (the default) return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the trainer calls it after ``plan``, so the
+        restored state wins over the new plan."""
+
+
+class Optim(Part, TrainingState):
     """Parameter groups and gradient transforms applied before the optimizer step."""
 
     def __init__(self, spec):
@@ -201,16 +214,8 @@ class Optim(Part):
     def before_step(self, handle: "AdapterHandle", optimizer) -> None:
         """Transform gradients in place before ``optimizer.step()``."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a training checkpoint must keep for an exact resume: a flat dict of name -> tensor or
-        JSON value (lists, numbers, strings). Stateless parts (the default) return ``{}``."""
-        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (after ``plan``, before the next step)."""
-
-
-class Schedule(Part):
+class Schedule(Part, TrainingState):
     """What happens at step boundaries, and auxiliary losses."""
 
     def __init__(self, spec):
@@ -232,15 +237,6 @@ class Schedule(Part):
     def lr_factor(self, step: int) -> float:
         """Multiplier on the learning rate at ``step`` (ReLoRA's jagged schedule)."""
         return 1.0
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a training checkpoint must keep for an exact resume: a flat dict of name -> tensor or
-        JSON value (lists, numbers, strings). Stateless schedules (the default) return ``{}``."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; the trainer calls it after ``plan``, so the
-        restored state wins over the new plan."""
 
 
 class BuildContext:
