@@ -36,3 +36,37 @@ def trial(task, spec, *, lr, epochs=1, batch_size=16, limit=None, seed=0, progre
         with open(path, "a") as f:
             f.write(json.dumps({"task": task, "lr": lr, "seed": seed}) + "\n")
     return result
+
+
+def tiny_run(task, spec, *, out_dir=None, checkpoint_every=None, resume=False, **kwargs):
+    """lorazoo's ``run`` on the tiny task, which this process registers. With ``STUDY_KILL_AT=N`` the
+    process kills itself (SIGKILL) right after its first checkpoint at step >= N, once: a marker file
+    next to the log remembers it. Each call appends to ``STUDY_FAKE_LOG`` the checkpoint it started
+    from (None: from scratch)."""
+    import signal
+
+    from lorazoo import train
+    from lorazoo.checkpoint import latest_checkpoint
+    from lorazoo.run import CHECKPOINTS, run
+    from lorazoo.tasks.base import TASKS
+    from tiny import TinyTask
+
+    TASKS[TinyTask.name] = TinyTask
+    kill_at, log = os.environ.get("STUDY_KILL_AT"), os.environ.get("STUDY_FAKE_LOG")
+    marker = f"{log}.killed"
+    if kill_at and not os.path.exists(marker):
+        save = train.Trainer._save_checkpoint
+
+        def save_then_die(self, *a, **kw):
+            folder = save(self, *a, **kw)
+            if self.step >= int(kill_at):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return folder
+
+        train.Trainer._save_checkpoint = save_then_die
+    start = latest_checkpoint(os.path.join(out_dir, CHECKPOINTS)) if out_dir else None
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"out_dir": out_dir, "from": start and start.name}) + "\n")
+    return run(task, spec, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume, **kwargs)

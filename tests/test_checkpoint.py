@@ -16,7 +16,7 @@ import lorazoo
 from lorazoo import checkpoint as ckpt
 from lorazoo.errors import LoadError, LorazooError
 from lorazoo.train import NonFiniteError, Trainer
-from tiny import TinyNet, tiny_data
+from tiny import TinyNet, TinyTask, tiny_data
 
 F32 = torch.float32
 KINDS = {
@@ -424,26 +424,7 @@ def test_healthy_training_is_not_slowed_by_replays(monkeypatch):
 # --- lorazoo train --checkpoint-every / --resume --------------------------------------------------
 @pytest.fixture
 def tiny_task():
-    from lorazoo.tasks.base import TASKS, Task
-
-    class TinyTask(Task):
-        name, metric, targets = "tiny_ckpt", "accuracy", ["fc1", "fc2"]
-        options = {"n": 96}
-
-        def build_model(self):
-            return TinyNet(dtype=F32)
-
-        def train_batches(self, batch_size, epoch=0):
-            x, y = tiny_data(self.opts["n"], seed=1, dtype=F32)
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-            return [{"x": x[order[i:i + batch_size]], "labels": y[order[i:i + batch_size]]}
-                    for i in range(0, len(x), batch_size)]
-
-        def evaluate(self, model):
-            x, y = tiny_data(64, seed=2, dtype=F32)
-            with torch.no_grad():
-                out = model(x=x, labels=y)
-            return {"accuracy": float((out.logits.argmax(-1) == y).float().mean()), "loss": float(out.loss)}
+    from lorazoo.tasks.base import TASKS
 
     TASKS[TinyTask.name] = TinyTask
     yield TinyTask.name

@@ -329,3 +329,56 @@ def test_report_splits_lines_only_by_axes_that_vary_within_a_task():
     s = summarize([t("a", 512), t("b", 256), t("b", 128)])
     assert s["extra_axes"] == {"a": [], "b": ["limit"]}
     assert set(s["tasks"]["a"]) == {"lora"} and set(s["tasks"]["b"]) == {"lora limit=256", "lora limit=128"}
+
+
+# --- a trial killed mid-way resumes from its checkpoint ------------------------------------------
+def _tiny_study(name):
+    return {"name": name, "trial_fn": "study_fake:tiny_run",
+            "grid": {"task": ["tiny_ckpt"], "variant": ["lora"], "lr": [0.02], "seed": [0]},
+            "fixed": {"rank": 4, "epochs": 2, "batch_size": 16}}
+
+
+def test_a_trial_killed_midway_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from lorazoo.study.runner import trial_dir
+
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("STUDY_FAKE_LOG", str(log))
+    known = ["tiny_ckpt"]
+    ref = run_study(tmp_path / "ref.sqlite", _tiny_study("ref"), checkpoint_every=0, known_tasks=known, log=quiet)
+    assert ref["done"] == 1
+    monkeypatch.setenv("STUDY_KILL_AT", "5")
+    db = tmp_path / "s.sqlite"
+    first = run_study(db, _tiny_study("s"), checkpoint_every=2, known_tasks=known, log=quiet)
+    assert first["failed"] == 1  # killed by SIGKILL after its step-6 checkpoint
+    with Store(db) as s:
+        tid = s.trials("s")[0]["id"]
+    folder = trial_dir(db, tid)
+    assert (folder / "checkpoints" / "step-00000006").is_dir()
+    second = run_study(db, _tiny_study("s"), checkpoint_every=2, known_tasks=known, log=quiet)
+    assert second["done"] == 1
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c["from"] for c in calls] == [None, None, "step-00000006"]  # ref, killed, resumed
+    assert calls[0]["out_dir"] is None and calls[2]["out_dir"] == str(folder)
+    assert not folder.exists()  # removed once the trial is done
+    with Store(tmp_path / "ref.sqlite") as s:
+        want = s.trials("ref")[0]["result"]
+    with Store(db) as s:
+        got = s.trials("s")[0]["result"]
+    assert got["steps"] == want["steps"] == 12
+    for a, b in zip(got["losses"], want["losses"], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(got["metrics_per_epoch"][-1]["loss"], want["metrics_per_epoch"][-1]["loss"], rel_tol=1e-5)
+
+
+def test_trial_functions_without_checkpoint_arguments_run_as_before(tmp_path):
+    from lorazoo.study.trial import resume_options
+    from study_fake import tiny_run, trial
+
+    payload = {"trial_dir": str(tmp_path / "t"), "checkpoint_every": 3}
+    assert resume_options(trial, {}, payload) == {}  # the fake takes no out_dir
+    assert resume_options(tiny_run, {}, payload) == {"out_dir": str(tmp_path / "t"), "checkpoint_every": 3,
+                                                     "resume": True}
+    assert resume_options(tiny_run, {"out_dir": "mine"}, payload) == {}  # the trial's own choice wins
+    assert resume_options(tiny_run, {}, {}) == {}
+    with pytest.raises(StudyError, match="checkpoint_every must be"):
+        run_study(tmp_path / "x.sqlite", config(), checkpoint_every=-1, log=quiet)

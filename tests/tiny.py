@@ -143,3 +143,33 @@ def rewrite_file(folder, change_config=lambda cfg: None, change_tensors=lambda t
     if checksum and isinstance(cfg, dict) and "config_checksum" in cfg:
         cfg["config_checksum"] = config_sha(cfg)
     save_file(tensors, str(f), metadata={**meta, "lorazoo_config": json.dumps(cfg)})
+
+
+def _tiny_task():
+    from lorazoo.tasks.base import Task
+
+    class TinyTask(Task):
+        """TinyNet on tiny_data as a lorazoo task (float32), for run(), the CLI and the study runner."""
+
+        name, metric, targets = "tiny_ckpt", "accuracy", ["fc1", "fc2"]
+        options = {"n": 96}
+
+        def build_model(self):
+            return TinyNet(dtype=torch.float32)
+
+        def train_batches(self, batch_size, epoch=0):
+            x, y = tiny_data(self.opts["n"], seed=1, dtype=torch.float32)
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+            return [{"x": x[order[i:i + batch_size]], "labels": y[order[i:i + batch_size]]}
+                    for i in range(0, len(x), batch_size)]
+
+        def evaluate(self, model):
+            x, y = tiny_data(64, seed=2, dtype=torch.float32)
+            with torch.no_grad():
+                out = model(x=x, labels=y)
+            return {"accuracy": float((out.logits.argmax(-1) == y).float().mean()), "loss": float(out.loss)}
+
+    return TinyTask
+
+
+TinyTask = _tiny_task()

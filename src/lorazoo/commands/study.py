@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--cpus-per-trial", type=float, default=1, help="Ray CPUs per trial (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="steps between each trial's checkpoints, in DB.trials/<trial>, so a killed trial "
+                        "resumes where it was (default 50; 0: off)")
     p.add_argument("--timeout", type=float, help="seconds before a trial is killed and marked failed")
     p.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
                    help="leave failed trials alone on a rerun")
@@ -130,6 +133,7 @@ def run(args) -> int:
         counts = run_study(db, config, workers=args.workers, backend=args.backend, threads=args.threads,
                            timeout=args.timeout, retry_failed=args.retry_failed, ray_address=args.ray_address,
                            cpus_per_trial=args.cpus_per_trial, force=args.force,
+                           **({} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}),
                            log=lambda m: print(m, flush=True))
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are kept in {db}; run the same command to resume",

@@ -39,11 +39,13 @@ def child_env(threads: int | None) -> dict:
     return env
 
 
-def spawn(tid: str, config: dict, trial_fn: str, workdir: str, threads: int | None) -> TrialProcess:
-    """Start ``python -m lorazoo.study.trial`` for one trial."""
+def spawn(tid: str, config: dict, trial_fn: str, workdir: str, threads: int | None,
+          resume: dict | None = None) -> TrialProcess:
+    """Start ``python -m lorazoo.study.trial`` for one trial; ``resume`` holds its ``trial_dir`` and
+    ``checkpoint_every`` when the trial should checkpoint and resume (see ``trial.resume_options``)."""
     in_path, out_path, log_path = (os.path.join(workdir, f"{tid}.{ext}") for ext in ("in.json", "out.json", "log"))
     with open(in_path, "w") as f:
-        json.dump({"trial_fn": trial_fn, "config": config, "threads": threads}, f)
+        json.dump({"trial_fn": trial_fn, "config": config, "threads": threads, **(resume or {})}, f)
     if os.path.exists(out_path):
         os.remove(out_path)
     with open(log_path, "w") as log:

@@ -26,12 +26,12 @@ def import_ray():
 
 
 def run_trial_process(tid: str, config: dict, trial_fn: str, threads: int | None,
-                      timeout: float | None) -> dict:
+                      timeout: float | None, resume: dict | None = None) -> dict:
     """Run one trial in a fresh process on this node and return its outcome (the Ray task body)."""
 
     workdir = tempfile.mkdtemp(prefix="lorazoo-trial-")
     try:
-        tp = spawn(tid, config, trial_fn, workdir, threads)
+        tp = spawn(tid, config, trial_fn, workdir, threads, resume)
         try:
             tp.proc.wait(timeout=timeout)
             late = None
@@ -72,7 +72,7 @@ class RayBackend:
                 while queue and len(refs) < slots:
                     t = queue.pop(0)
                     on_start(t["id"], "ray")
-                    refs[task.remote(t["id"], t["config"], trial_fn, self.threads, self.timeout)] = (
+                    refs[task.remote(t["id"], t["config"], trial_fn, self.threads, self.timeout, t.get("resume"))] = (
                         t["id"], time.time())
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
                 for ref in ready:

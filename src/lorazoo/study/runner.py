@@ -4,6 +4,12 @@ own fresh process (``python -m lorazoo.study.trial``), locally or on Ray.
 Only the runner writes to the study file. A trial is marked ``running`` when its process starts
 and ``done``/``failed`` in one transaction when the process returns; a rerun puts trials left
 ``running`` by a killed runner back to ``pending`` and skips ``done`` ones.
+
+Each trial checkpoints into its own folder, ``<db>.trials/<trial id>`` (every ``checkpoint_every``
+steps, when its trial function can: see ``trial.resume_options``), so a trial killed mid-way resumes
+from its last checkpoint on the next run instead of starting over. The folder is removed once the
+trial is done; a failed trial keeps it, so its retry resumes too. With the Ray backend the folder
+must be on storage the workers share, else each retry starts over.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import StudyError
@@ -20,6 +27,14 @@ from .process import collect, spawn
 from .store import Store
 
 HEARTBEAT_EVERY_S = 10.0
+CHECKPOINT_EVERY = 50  # steps between a trial's checkpoints (small adapters: a few ms each)
+
+
+def trial_dir(db: str | os.PathLike, tid: str) -> Path:
+    """The folder trial ``tid`` of the study file ``db`` checkpoints into."""
+    return Path(f"{os.fspath(db)}.trials") / tid
+
+
 def default_threads(workers: int) -> int:
     """Torch threads per trial so that ``workers`` trials share this machine's cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -45,7 +60,8 @@ class LocalBackend:
                 while queue and len(running) < self.workers:
                     t = queue.popleft()
                     on_start(t["id"], f"local:{os.getpid()}")
-                    running[t["id"]] = spawn(t["id"], t["config"], trial_fn, workdir, self.threads)
+                    running[t["id"]] = spawn(t["id"], t["config"], trial_fn, workdir, self.threads,
+                                               t.get("resume"))
                 for tid, tp in list(running.items()):
                     late = self.timeout is not None and time.time() - tp.started > self.timeout
                     if tp.proc.poll() is None and not late:
@@ -67,17 +83,22 @@ class LocalBackend:
 def run_study(db: str | os.PathLike, config: dict, *, workers: int = 1, backend: str = "local",
               threads: int | None = None, timeout: float | None = None, retry_failed: bool = True,
               known_tasks: Iterable[str] | None = None, ray_address: str | None = None,
-              cpus_per_trial: float = 1, force: bool = False, log: Callable[[str], None] = print) -> dict:
+              cpus_per_trial: float = 1, force: bool = False, checkpoint_every: int | None = CHECKPOINT_EVERY,
+              log: Callable[[str], None] = print) -> dict:
     """Run a study's unfinished trials and record them in ``db``; returns the status counts.
 
     The grid is validated first (GridError, nothing stored or run). ``retry_failed=False`` leaves
     failed trials alone. ``backend`` is "local" (``workers`` processes) or "ray" (``ray_address``;
-    a local Ray instance when None).
+    a local Ray instance when None). ``checkpoint_every`` (steps; None or 0: off) sets how often each
+    trial checkpoints into ``<db>.trials/<trial id>`` to resume from if killed.
     """
     study = normalize_study(config)
     trials = validate(study, known_tasks)
     if backend not in ("local", "ray"):
         raise StudyError(f"unknown backend {backend!r}; backends: local, ray")
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                         or checkpoint_every < 0):
+        raise StudyError(f"checkpoint_every must be a whole number of steps >= 0, got {checkpoint_every!r}")
     if timeout is not None and timeout <= 0:
         raise StudyError(f"timeout must be > 0 seconds, got {timeout!r}")
     if backend == "ray":
@@ -98,6 +119,9 @@ def run_study(db: str | os.PathLike, config: dict, *, workers: int = 1, backend:
             skip = {"done"} if retry_failed else {"done", "failed"}
             rows = store.trials(name)
             todo = [t for t in rows if t["id"] in wanted and t["status"] not in skip]
+            if checkpoint_every:
+                for t in todo:
+                    t["resume"] = {"trial_dir": str(trial_dir(db, t["id"])), "checkpoint_every": checkpoint_every}
             extra = len(rows) - len(wanted)
             log(f"study {name!r} in {db}: {len(trials)} trials ({new} new), {len(trials) - len(todo)} "
                 f"finished, {len(todo)} to run" + (f" ({requeued} interrupted)" if requeued else "")
@@ -119,8 +143,12 @@ def _run(store: Store, name: str, runner, todo: list[dict], trial_fn: str, log) 
         store.mark_running(name, tid, worker)
         started.add(tid)
 
+    folders = {t["id"]: t["resume"]["trial_dir"] for t in todo if t.get("resume")}
+
     def on_finish(tid: str, outcome: dict) -> None:
         store.finish(name, tid, outcome)
+        if outcome.get("status") == "done" and tid in folders:
+            shutil.rmtree(folders[tid], ignore_errors=True)
         started.discard(tid)
         n_done[0] += 1
         res = outcome.get("result") or {}

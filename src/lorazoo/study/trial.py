@@ -1,13 +1,18 @@
 """One trial in a fresh process: ``python -m lorazoo.study.trial IN.json OUT.json``.
 
-``IN.json`` holds ``{"trial_fn": "module:function", "config": {...}, "threads": n}``. The trial
-function is called as ``fn(task, spec, **kwargs)`` (see ``grid.call_args``); ``OUT.json`` gets
+``IN.json`` holds ``{"trial_fn": "module:function", "config": {...}, "threads": n}`` and, for
+resumable trials, ``"trial_dir"`` and ``"checkpoint_every"``. The trial function is called as
+``fn(task, spec, **kwargs)`` (see ``grid.call_args``); where it takes ``out_dir``,
+``checkpoint_every`` and ``resume`` (lorazoo's ``run`` does), it also gets ``out_dir=trial_dir``,
+``checkpoint_every`` and ``resume=True``, so a trial killed mid-way (runner killed, timeout, machine
+lost) continues from its last checkpoint when the study is run again. ``OUT.json`` gets
 ``{"status": "done"|"failed", "result", "error", "wall_seconds", "peak_rss_mb", "host", "pid"}``,
 written atomically. Exit status 0 when done, 1 when the trial failed. The process dies with its
 parent (the runner) on Linux, so killing the runner leaves no orphan trial behind.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -63,6 +68,7 @@ def execute(payload: dict) -> dict:
         task, spec, kwargs = call_args(payload["config"])
         out["spec"] = spec.to_dict()
         kwargs.setdefault("progress", False)
+        kwargs.update(resume_options(fn, kwargs, payload))
         result = fn(task, spec, **kwargs)
         if not isinstance(result, dict):
             raise TypeError(f"the trial function returned {type(result).__name__}, not a dict")
@@ -73,6 +79,22 @@ def execute(payload: dict) -> dict:
     out.update(wall_seconds=round(time.time() - t0, 3), peak_rss_mb=round(peak_rss_mb(), 1),
                host=socket.gethostname(), pid=os.getpid())
     return out
+
+
+RESUME_ARGS = ("out_dir", "checkpoint_every", "resume")
+
+
+def resume_options(fn, kwargs: dict, payload: dict) -> dict:
+    """The keyword arguments that make ``fn`` checkpoint into the trial's folder and resume from it:
+    none when the payload has no folder, when ``fn`` does not take all of :data:`RESUME_ARGS`, or
+    when the trial's own config already sets one of them."""
+    folder, every = payload.get("trial_dir"), payload.get("checkpoint_every")
+    if not folder or not every or any(k in kwargs for k in RESUME_ARGS):
+        return {}
+    params = inspect.signature(fn).parameters
+    if not all(k in params for k in RESUME_ARGS):
+        return {}
+    return {"out_dir": folder, "checkpoint_every": int(every), "resume": True}
 
 
 def write_json(path: str, value: dict) -> None:
