@@ -24,7 +24,8 @@ PRESETS = [
     _p("relora", "ReLoRA: merge-and-reinit, optimizer reset, jagged LR", "II-B1", "schedule",
        "study Eq. 12-13 [21]", schedule="relora"),
     _p("vera", "VeRA: shared frozen random A, B; trainable vectors", "II-B2", "form, share",
-       "study Eq. 24-26 [48]", form="vera", rank=256),  # its paper's rank (RoBERTa-base)
+       "study Eq. 24-26 [48]", form="vera", rank=256, scale="constant", alpha=1),
+    # its paper's rank (RoBERTa-base) and no scale (VeRA Eq. 1, PEFT): alpha/r = 16/256 shrank it 16x
     _p("loha", "LoHA: Hadamard product of two low-rank products", "II-B1", "form", "study Eq. 16 [43]",
        form="loha"),
     _p("lokr", "LoKr: Kronecker product", "II-B1", "form", "study Eq. 18-21 [44]", form="lokr"),

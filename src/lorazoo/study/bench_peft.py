@@ -54,7 +54,8 @@ def peft_equivalent(spec, cfg: BenchConfig) -> tuple[Any, str | None]:
     lora_like = spec.form in ("lora", "dora", "adalora")
     if spec.init != "default" and not (spec.form in ("lora", "dora") and spec.init in _LORA_INITS):
         return None, f"PEFT has no init '{spec.init}' for form '{spec.form}'"
-    if spec.scale != "lora" and not (lora_like and spec.scale == "rslora"):
+    vera_unscaled = spec.form == "vera" and spec.scale == "constant" and spec.alpha == 1  # PEFT's VeRA: no scale
+    if spec.scale != "lora" and not (lora_like and spec.scale == "rslora") and not vera_unscaled:
         return None, f"PEFT has no scale '{spec.scale}' for form '{spec.form}'"
     if spec.rank_dropout and spec.form not in ("loha", "lokr"):
         return None, f"PEFT's {spec.form} has no rank dropout"
