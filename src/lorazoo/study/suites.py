@@ -44,6 +44,20 @@ SUITES: dict[str, dict] = {
              "fixed": {"epochs": 1, "limit": 768, "batch_size": 8, "max_length": 48, "test_size": 400}},
         ],
     },
+    "tier2_long": {
+        "description": "About 30 minutes on 2 cores: 250 sentiment steps (2000 texts, batch 8) for LoRA, VeRA at "
+                       "its paper's rank and scale, and LoRMA-pi on its paper's targets (query, value) at its "
+                       "paper's rate; the runs behind docs/study/tier2/README.md's 250-step table.",
+        "sweeps": [
+            {"grid": {"task": ["sentiment"], "variant": ["lora"], "lr": [1e-3], "seed": [0]},
+             "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48}},
+            {"grid": {"task": ["sentiment"], "variant": ["vera"], "lr": [4e-3, 1e-2], "seed": [0]},
+             "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48}},
+            {"grid": {"task": ["sentiment"], "variant": ["lorma_pi"], "lr": [4e-4], "seed": [0]},
+             "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48,
+                       "targets": ["query", "value"]}},
+        ],
+    },
     "smoke": {
         "description": "A minute or two: LoRA and DropLoRA at two learning rates on 200 sentiment examples.",
         "sweeps": [
