@@ -62,3 +62,30 @@ def localized(gates, samples, types, delta):
 
 def kaiming_bound(fan_in: int) -> float:
     return 1 / math.sqrt(fan_in)
+
+
+def expert_outputs(x, A, B, Wg, E, k):
+    """Every routed (token, expert) slot's output o = B_i A_i x (before gate and scale), and its expert."""
+    r = A.shape[0] // E
+    flat = x.reshape(-1, x.shape[-1])
+    _, _, chosen = route(flat, Wg, k)
+    outs, labels = [], []
+    for t in range(flat.shape[0]):
+        for i in range(E):
+            if chosen[t, i]:
+                outs.append(B[:, i * r:(i + 1) * r] @ (A[i * r:(i + 1) * r] @ flat[t]))
+                labels.append(i)
+    return outs, labels
+
+
+def contrastive(outs, labels, tau):
+    """Eq. 127 over every ordered (q, k+) pair of one expert's outputs, k- the other experts'; the mean."""
+    terms = []
+    for p, q in enumerate(outs):
+        for j, kp in enumerate(outs):
+            if j == p or labels[j] != labels[p]:
+                continue
+            pos = torch.exp(q @ kp / tau)
+            neg = sum(torch.exp(q @ kn / tau) for n, kn in enumerate(outs) if labels[n] != labels[p])
+            terms.append(-torch.log(pos / (pos + neg)))
+    return torch.stack(terms).mean()

@@ -150,3 +150,47 @@ def test_router_stats_per_layer(form, kw, k):
         assert s["gate"].shape == s["load"].shape == (E,)
         torch.testing.assert_close(s["load"].sum(), torch.tensor(1.0, dtype=s["load"].dtype))
         torch.testing.assert_close(s["gate"].sum(), torch.tensor(1.0, dtype=s["gate"].dtype))
+
+
+# --- router options of the Tier 3 mixtures (capacity, gate dropout, threshold, noise) ---------------
+def test_within_capacity_keeps_each_experts_first_slots_in_token_order():
+    sel = torch.rand(4, 5, 6, generator=torch.Generator().manual_seed(0)) > 0.5
+    kept = routing.within_capacity(sel, 3)
+    flat, ref = sel.reshape(-1, 6), torch.zeros(20, 6, dtype=torch.bool)
+    for i in range(6):
+        seen = 0
+        for t in range(20):
+            if flat[t, i]:
+                seen += 1
+                ref[t, i] = seen <= 3
+    assert torch.equal(kept.reshape(-1, 6), ref) and kept.shape == sel.shape
+
+
+def test_gate_units_scales_experts_of_different_ranks():
+    h = torch.rand(3, 6, dtype=torch.float64)  # ranks 1, 2, 3
+    g = torch.rand(3, 3, dtype=torch.float64)
+    ref = torch.cat([h[:, :1] * g[:, :1], h[:, 1:3] * g[:, 1:2], h[:, 3:] * g[:, 2:]], dim=1)
+    torch.testing.assert_close(routing.gate_units(h, g, torch.tensor([1, 2, 3])), ref)
+
+
+def test_router_options_that_cannot_combine_are_refused():
+    with pytest.raises(ValueError, match="capacity"):
+        Router(7, 4, top_k=4, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity"):
+        Router(7, 4, threshold=0.25, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="noisy"):
+        Router(7, 4, threshold=0.25, noisy=True)
+
+
+def test_gate_dropout_and_noise_only_in_training():
+    torch.manual_seed(0)
+    r = Router(7, 5, top_k=2, gate_dropout=0.5, noisy=True).double()
+    x = _x()
+    r.eval()
+    a, b = r(x), r(x)
+    assert torch.equal(a, b)
+    probs, ref, _ = route(x, r.weight.detach(), k=2)
+    torch.testing.assert_close(a, ref, rtol=1e-12, atol=0)  # eval: the plain top-k, σ rows unused
+    r.train()
+    assert not torch.equal(r(x), a)
+    assert "noisy" in repr(r) and "gate_dropout=0.5" in repr(r)

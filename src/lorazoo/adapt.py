@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .conv import ConvAdaptedLayer, conv_shape, is_conv2d
+from .embedding import EmbeddingAdaptedLayer, check_spec as check_embedding_spec, is_embedding, tied_paths
 from .errors import SpecError, TargetError
 from .fingerprint import fingerprint
 from .handle import AdapterHandle, handles_of
@@ -43,6 +44,8 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     saved, layers = _resolve_saved(model, spec, layers)
 
     init = parts["init"](spec)
+    check_embedding_spec(spec, init, layers)  # embeddings take LoRA and DoRA only (lorazoo.embedding)
+    tied = tied_paths(model, layers)
     if init.needs_calibration and calibration is None and _initialize:
         raise SpecError(f"init '{spec.init}' is data-driven: pass calibration=<iterable of batches> to adapt()")
     ranks = dict(ranks or {})
@@ -63,7 +66,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     touched: list[AdaptedLayer] = []
     try:
         handle = _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls, _initialize,
-                         wrapped, touched)
+                         wrapped, touched, tied)
     except BaseException:
         for layer in reversed(touched):
             if isinstance(layer, SavedModule):
@@ -80,7 +83,8 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     return handle
 
 
-def _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls, initialize, wrapped, touched):
+def _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls, initialize, wrapped, touched,
+            tied=None):
     """Wrap the targets, build and initialize the adapter on each, give it its own copy of each
     saved module; record every change made."""
     for p in model.parameters():
@@ -96,18 +100,23 @@ def _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls,
             if isinstance(mod, AdaptedLayer):
                 layer = mod
             else:
-                layer = ConvAdaptedLayer(mod) if is_conv2d(mod) else AdaptedLayer(mod)
+                layer = (ConvAdaptedLayer(mod) if is_conv2d(mod) else
+                         EmbeddingAdaptedLayer(mod) if is_embedding(mod) else AdaptedLayer(mod))
                 set_module(model, path, layer)
                 wrapped.append((path, mod))
+            layer.tied_with = (tied or {}).get(path, ())  # shared weight: no merge, no base shift
             r = ranks.get(path, spec.rank)
             weight = layer.linear_weight()
             ctx.path = path  # per-module-type banks (RaSA, DenseLoRA) key on it
             form = form_cls(layer.in_features, layer.out_features, r, scale_fn(spec.alpha, r), spec.options, ctx)
             adapter = Adapter(form, spec.rank_dropout, spec.dropout).to(device=weight.device, dtype=weight.dtype)
+            adapter.tied_with = layer.tied_with
             touched.append(layer)
             layer.adapters[name] = adapter
             if first is None:
                 first = adapter
+            if initialize and spec.init == "default" and isinstance(layer, EmbeddingAdaptedLayer):
+                layer.default_init(form)  # PEFT's embedding init (lorazoo.embedding)
             if initialize:
                 init.apply(path, adapter, layer, weight)
                 form.after_factor_init(weight)  # derived state from the final factors/base (DoRA's m)
@@ -192,6 +201,8 @@ def _shape(m: nn.Module) -> tuple[int, int]:
         return m.in_features, m.out_features
     if is_conv2d(m):
         return conv_shape(m)  # (in·kh·kw, out): a linear map on patches
+    if is_embedding(m):
+        return m.num_embeddings, m.embedding_dim  # a linear map on one-hot tokens
     return m.weight.shape[0], m.weight.shape[1]  # Conv1D: (in, out)
 
 

@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .distributed import is_main_process, whole
 from .errors import LorazooError
 from .files import write_adapter
 from .fingerprint import short
@@ -40,6 +41,8 @@ class AdapterHandle:
         self.optim = parts["optim"](spec)
         self.schedule = parts["schedule"](spec)
         handles_of(model)[name] = self
+        self.optim.attach(self)  # before adapt's activate() sets requires_grad (LoRA-FA freezes A)
+        self.schedule.attach(self)
 
     # --- structure ------------------------------------------------------------------------
     def layers(self) -> dict[str, AdaptedLayer]:
@@ -175,9 +178,23 @@ class AdapterHandle:
                 out[f"{path}.{k}"] = v
         return out
 
-    def save(self, path) -> None:
-        """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``."""
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+    def save(self, path, format: str = "lorazoo") -> None:
+        """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``.
+
+        Under torch.distributed, call it on every rank: the shards are gathered (FSDP) and rank 0
+        writes. ``format="peft"`` writes PEFT's ``adapter_model.safetensors`` and ``adapter_config.json``
+        instead, for ``PeftModel.from_pretrained`` (see lorazoo.peft_format); a method PEFT does not
+        have is refused before anything is written.
+        """
+        if format == "peft":
+            from .peft_format import save_peft
+
+            return save_peft(self, path)
+        if format != "lorazoo":
+            raise LorazooError(f"format must be 'lorazoo' or 'peft', got {format!r}")
+        tensors = {k: whole(v).detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if not is_main_process():  # under torch.distributed rank 0 writes; the others only gathered
+            return
         write_adapter(path, tensors, {
             "name": self.name, "spec": self.spec.to_dict(), "targets": sorted(self.ranks), "ranks": self.ranks,
             "base_fingerprint": short(self.fingerprint), "fingerprint": self.fingerprint})

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LorazooError, NotMergeableError
+from .errors import LorazooError, NotMergeableError, TargetError
 from .parts import Form
 
 
@@ -25,6 +25,8 @@ class Adapter(nn.Module):
     and schedules (ReLoRA's merges) fold into the frozen base; it is saved with the adapter so a
     pristine base can be brought to the same state, and removed exactly on delete.
     """
+
+    tied_with: tuple[str, ...] = ()  # other modules sharing the layer's weight (lorazoo.embedding)
 
     def __init__(self, form: Form, rank_dropout: float, dropout: float):
         super().__init__()
@@ -49,6 +51,8 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def shift_base(self, weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> None:
         """Add B @ A to the frozen ``weight`` (out, in) in place and record it in the base shift."""
+        if self.tied_with:  # the weight is shared (tied embeddings): the shift would change those too
+            raise TargetError(_tied_message("shift the base weight of", self.tied_with))
         weight.add_(B.to(weight) @ A.to(weight))
         self.shift_B = torch.cat([self.shift_B, B.to(self.shift_B)], dim=1)
         self.shift_A = torch.cat([self.shift_A, A.to(self.shift_A)], dim=0)
@@ -64,6 +68,9 @@ class AdaptedLayer(nn.Module):
     Forward: y = W x; for each active adapter, y = form(x, y, W); return y + bias. Additive forms
     add s·ΔW x, multiplicative ones (LoRMA) transform y, rescaling ones (DoRA) rescale it.
     """
+
+    tied_with: tuple[str, ...] = ()  # other modules sharing the base weight (lorazoo.embedding)
+    mixed = None  # a lorazoo.mixed.MixedLayer inside mixed_batch(): per-sample adapters
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -107,6 +114,8 @@ class AdaptedLayer(nn.Module):
         return running, shifted
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.mixed is not None:  # one adapter per sample (lorazoo.mixed)
+            return self.mixed(x)
         running, shifted = self.running()
         if not running and not shifted:
             return self.base(x, *args, **kwargs)
@@ -134,6 +143,8 @@ class AdaptedLayer(nn.Module):
             )
         if name in self.merged:
             return
+        if self.tied_with:
+            raise NotMergeableError(_tied_message("merge into", self.tied_with))
         w = self.linear_weight()
         w.copy_(form.merge(w))
         self.merged.append(name)
@@ -161,6 +172,12 @@ class AdaptedLayer(nn.Module):
         del self.adapters[name]
         self.active = [n for n in self.active if n != name]
         self.disabled.discard(name)
+
+
+def _tied_message(what: str, others: tuple[str, ...]) -> str:
+    return (f"cannot {what} a layer whose weight is shared with {', '.join(map(repr, others[:3]))} (tied "
+            f"embeddings): it would change those modules too; keep the adapter unmerged and use an init "
+            f"that does not shift the base (see lorazoo.embedding)")
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:

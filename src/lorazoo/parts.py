@@ -133,6 +133,20 @@ class Form(nn.Module, Part):
     def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
         return None
 
+    def update_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B', A') with ΔW = B' A', scale included, for per-sample serving (lorazoo.mixed), or None:
+        then the dense :meth:`delta_weight` is used. Default: (s·B, A) for plain additive B·A forms."""
+        if self.plain_product and not (self.reads_output or self.multiplicative):
+            f = self.factors()
+            if f is not None:
+                return f[0] * self.scale, f[1]
+        return None
+
+    def output_gain(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Per-row gain (out,) this form multiplies the layer's output by at inference (DoRA's m/‖V‖),
+        for per-sample serving; None (the default) for forms that only add to the output."""
+        return None
+
     def aux_loss(self) -> torch.Tensor | None:
         """This layer's auxiliary loss from its last forward (a router's balancing loss), or None.
 
@@ -207,6 +221,10 @@ class Optim(Part, TrainingState):
     def __init__(self, spec):
         self.spec = spec
 
+    def attach(self, handle: "AdapterHandle") -> None:
+        """Called once when the adapter is built or loaded, with its layers in place and before
+        ``activate`` sets ``requires_grad`` (LoRA-FA marks A ``_lorazoo_frozen`` here). Default: nothing."""
+
     def param_groups(self, handle: "AdapterHandle", lr: float, weight_decay: float) -> list[dict]:
         params = handle.trainable_parameters()
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
@@ -220,6 +238,9 @@ class Schedule(Part, TrainingState):
 
     def __init__(self, spec):
         self.spec = spec
+
+    def attach(self, handle: "AdapterHandle") -> None:
+        """Called once when the adapter is built or loaded (see :meth:`Optim.attach`). Default: nothing."""
 
     def aux_loss(self, handle: "AdapterHandle") -> torch.Tensor | None:
         return None
@@ -237,6 +258,11 @@ class Schedule(Part, TrainingState):
     def lr_factor(self, step: int) -> float:
         """Multiplier on the learning rate at ``step`` (ReLoRA's jagged schedule)."""
         return 1.0
+
+    def summary(self, handle: "AdapterHandle") -> dict | None:
+        """What the schedule decided, for the training output (the rank allocators' per-layer ranks),
+        as a JSON-able dict; None (the default) when there is nothing to report."""
+        return None
 
 
 class BuildContext:

@@ -117,6 +117,9 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
         "lorazoo_version": __version__,
         "python": platform.python_version(),
     }
+    allocation = handle.schedule.summary(handle)  # rank allocators: the final ranks per layer
+    if allocation is not None:
+        result["schedule_summary"] = allocation
     if out_dir is not None:
         save_run(handle, t.config(), result, out_dir)
     return result

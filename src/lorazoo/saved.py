@@ -18,7 +18,7 @@ import copy
 
 from torch import nn
 
-_OWN = frozenset({"original", "copies", "active", "disabled"})
+_OWN = frozenset({"original", "copies", "active", "disabled", "mixed"})
 
 
 class SavedModule(nn.Module):
@@ -50,7 +50,11 @@ class SavedModule(nn.Module):
             return self.copies[self.active]
         return self.original
 
+    mixed = None  # a lorazoo.mixed.MixedSaved inside mixed_batch(): each adapter's copy on its samples
+
     def forward(self, *args, **kwargs):
+        if self.mixed is not None:
+            return self.mixed(*args, **kwargs)
         return self.current()(*args, **kwargs)
 
     def __getattr__(self, name: str):

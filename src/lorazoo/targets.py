@@ -4,6 +4,8 @@
 "all-linear" (every nn.Linear / HF Conv1D but the output head) or "all-conv" (every nn.Conv2d
 with groups == 1; grouped and depthwise convs are skipped). Conv2d layers named explicitly or by
 a regex are adapted too (see lorazoo.conv); a grouped or depthwise one raises a TargetError.
+nn.Embedding layers are adapted when named or matched by a regex (see lorazoo.embedding), never by
+"all-linear".
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 from torch import nn
 
 from .conv import check_conv, is_conv2d
+from .embedding import check_embedding, is_embedding
 from .errors import TargetError
 from .layer import AdaptedLayer, is_linear_like
 from .saved import SavedModule
@@ -34,8 +37,8 @@ def _output_head_ids(model: nn.Module) -> set[int]:
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear-like or Conv2d layer (or already adapted layer), by dotted path; none inside a
-    ``modules_to_save`` wrapper (lorazoo.saved)."""
+    """Every linear-like, Conv2d or Embedding layer (or already adapted layer), by dotted path; none
+    inside a ``modules_to_save`` wrapper (lorazoo.saved)."""
     found, saved = {}, []
     for path, mod in model.named_modules():
         if any(path.startswith(s + ".") for s in saved):
@@ -44,7 +47,7 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
             saved.append(path)
         elif isinstance(mod, AdaptedLayer):
             found[path] = mod
-        elif (is_linear_like(mod) or is_conv2d(mod)) and not path.endswith(".base"):
+        elif (is_linear_like(mod) or is_conv2d(mod) or is_embedding(mod)) and not path.endswith(".base"):
             found[path] = mod
     return found
 
@@ -56,7 +59,8 @@ def select_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
         heads = _output_head_ids(model)
         chosen = {p: m for p, m in layers.items()
                   if id(m) not in heads and id(getattr(m, "base", None)) not in heads
-                  and p.split(".")[-1] not in HEAD_NAMES and not is_conv2d(getattr(m, "base", m))}
+                  and p.split(".")[-1] not in HEAD_NAMES and not is_conv2d(getattr(m, "base", m))
+                  and not is_embedding(getattr(m, "base", m))}
         what = "'all-linear'"
     elif targets == "all-conv":
         chosen = {p: m for p, m in layers.items()
@@ -78,6 +82,8 @@ def select_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
     for p, m in chosen.items():
         if is_conv2d(getattr(m, "base", m)):
             check_conv(p, getattr(m, "base", m))
+        elif is_embedding(getattr(m, "base", m)):
+            check_embedding(p, getattr(m, "base", m))
     return chosen
 
 

@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--mem-jobs", type=int, default=2,
                    help="memory subprocesses at once (peak RSS is per process; default 2)")
+    p.add_argument("--mixed", type=int, metavar="K",
+                   help="instead: K LoRA adapters served one per sample (mixed_batch) vs PEFT's adapter_names "
+                        "and the base; use with --batch 32; writes mixed.md")
     p.add_argument("--out", default="docs/bench", help="folder for bench.md/.json/.png (default docs/bench)")
     p.set_defaults(func=run)
 
@@ -46,6 +49,13 @@ def run(args) -> int:
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    if args.mixed:
+        from ..study.bench_mixed import run_mixed, write_mixed
+
+        path = write_mixed(run_mixed(cfg, args.mixed, log=log), args.out)
+        print(path.read_text())
+        return 0
 
     result = run_bench(cfg, variants, against=args.against, memory=not args.no_memory,
                        mem_jobs=args.mem_jobs, paper_ranks=args.paper_ranks, log=log)

@@ -53,6 +53,9 @@ class AdaLoRA(Form):
     def delta_weight(self, weight):
         return (self.P * self.singular_values()) @ self.Q * self.scale
 
+    def update_factors(self, weight):
+        return self.P * (self.singular_values() * self.scale), self.Q
+
     def orthogonality(self) -> torch.Tensor:
         """R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (study Eq. 35), differentiable."""
         eye = torch.eye(self.rank, device=self.P.device, dtype=self.P.dtype)

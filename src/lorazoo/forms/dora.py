@@ -84,6 +84,12 @@ class DoRA(LoRA):
     def forward(self, x, y, weight, mask=None):
         return (y + self.delta(x, mask)) * self.gain(self.row_norm(weight, mask))
 
+    def update_factors(self, weight):
+        return self.B * self.scale, self.A  # the direction's update; the gain comes apart
+
+    def output_gain(self, weight):
+        return self.gain(self.row_norm(weight))
+
     # --- merge: dense, once ------------------------------------------------------------------
     def _direction(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.B @ self.A) * self.scale

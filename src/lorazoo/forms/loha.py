@@ -57,3 +57,9 @@ class LoHA(Form):
 
     def delta_weight(self, weight):
         return (self.B1 @ self.A1) * (self.B2 @ self.A2) * self.scale
+
+    def update_factors(self, weight):
+        """Khatri-Rao: (B1 A1) ⊙ (B2 A2) = (B1 ⊙_row B2)(A1 ⊙_col A2), rank r1·r2."""
+        B = (self.B1[:, :, None] * self.B2[:, None, :]).flatten(1) * self.scale
+        A = (self.A1[:, None, :] * self.A2[None, :, :]).flatten(0, 1)
+        return B, A

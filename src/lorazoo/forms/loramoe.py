@@ -68,7 +68,13 @@ class ExpertMixture(Form):
         self.A = nn.Parameter(torch.empty(self.rank, in_features))
         self.B = nn.Parameter(torch.empty(out_features, self.rank))
         self._reset_experts()
-        self.gate = Router(in_features, self.experts, top_k=int(opts["top_k"]))
+        self.gate = Router(in_features, self.experts, top_k=int(opts["top_k"]), **self.router_options(opts))
+
+    @classmethod
+    def router_options(cls, opts) -> dict:
+        """Keyword options of this mixture's :class:`Router` beyond top-k (capacity, gate dropout,
+        adaptive threshold: see lorazoo.routing); none for plain top-k routing."""
+        return {}
 
     def _reset_experts(self) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # per expert as nn.Linear: bound 1/sqrt(in)
@@ -85,7 +91,7 @@ class ExpertMixture(Form):
 
     def forward(self, x, y, weight, mask=None):
         # A x and the router logits W_g x in one matmul: x is read once (forward and backward)
-        h, logits = F.linear(x, torch.cat([self.A, self.gate.weight])).split([self.rank, self.experts], -1)
+        h, logits = F.linear(x, torch.cat([self.A, self.gate.logit_weight])).split([self.rank, self.gate.width], -1)
         h = gate_experts(self.rank_masked(h, mask), self.gate.route(logits))  # ω_i on expert i's units
         return y + F.linear(h * self.scale, self.B)
 

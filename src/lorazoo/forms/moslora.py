@@ -59,7 +59,9 @@ class MoSLoRA(LoRA):
 
     @torch.no_grad()
     def after_factor_init(self, weight):
-        if self.B.any():  # the init chose a nonzero update s·B·A: keep it exact with M = I
+        if self.B.any() and not getattr(self, "mixer_from_init", False):
+            # the init chose a nonzero update s·B·A: keep it exact with M = I (an init that sets M
+            # itself, NLoRA, marks it with ``mixer_from_init``)
             self.M.copy_(torch.eye(self.rank, dtype=self.M.dtype, device=self.M.device))
 
     def delta(self, x, mask):
@@ -67,3 +69,6 @@ class MoSLoRA(LoRA):
 
     def delta_weight(self, weight):
         return (self.B @ self.M @ self.A) * self.scale
+
+    def update_factors(self, weight):
+        return (self.B @ self.M) * self.scale, self.A

@@ -95,3 +95,7 @@ class VeRA(Form):
     def delta_weight(self, weight):
         B, A = self.sliced()
         return (self.b[:, None] * B) @ (self.d[:, None] * A) * self.scale
+
+    def update_factors(self, weight):
+        B, A = self.sliced()
+        return (self.b * self.scale)[:, None] * B, self.d[:, None] * A

@@ -10,6 +10,9 @@ calibration batches once through the model and gathers, for every target layer a
 - ``cov``: the uncentered input second moment C = Σ_rows x xᵀ (in, in) and the row count
   (rows where ``attention_mask`` is 0 are left out when the batch has one of the input's shape).
 
+Under torch.distributed, each process passes its own shard of the calibration data and the sums
+are all-reduced (:func:`reduce_across_ranks`): every rank gets the statistics of all the data.
+
 The model runs in eval mode (no dropout: the statistics are those of the deterministic model).
 Memory does not grow with the data: per layer one (out, in) or (in, in) accumulator, in at least
 float32, on the layer's device. The model's train/eval modes and ``requires_grad`` flags are
@@ -144,13 +147,35 @@ def collect(model: nn.Module, targets: dict[str, nn.Module], calibration: Iterab
         raise SpecError(f"{who}: the calibration batches never reached layer(s) {', '.join(unused[:5])}; "
                         f"exclude them from targets or pass batches that use them")
     for path, s in stats.items():
+        if want_grad and s.grad is None:  # called, but the loss does not depend on its output
+            n_in, n_out = shape_of(targets[path])
+            w = targets[path].weight
+            s.grad = torch.zeros(n_out, n_in, dtype=work_dtype(w.dtype), device=w.device)
+    batches = reduce_across_ranks(stats, batches)
+    for s in stats.values():
         if want_grad:
-            if s.grad is None:  # called, but the loss does not depend on its output
-                n_in, n_out = shape_of(targets[path])
-                w = targets[path].weight
-                s.grad = torch.zeros(n_out, n_in, dtype=work_dtype(w.dtype), device=w.device)
             s.grad.div_(batches)
     return stats
+
+
+def reduce_across_ranks(stats: dict[str, LayerStats], batches: int) -> int:
+    """Under torch.distributed each process calibrates on its own shard of the data: sum the
+    statistics (gradient sums, second moments, row and batch counts) over the processes, so every
+    rank starts from the statistics of all the data, as one process would. Returns the total
+    number of batches. A no-op in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batches
+    counts = torch.tensor([batches] + [s.rows for s in stats.values()], dtype=torch.float64)
+    dist.all_reduce(counts)
+    for s, rows in zip(stats.values(), counts[1:].tolist()):
+        s.rows = int(rows)
+        for name in ("grad", "cov"):
+            t = getattr(s, name)
+            if t is not None:
+                dist.all_reduce(t)
+    return int(counts[0])
 
 
 def _loss(output, who: str) -> torch.Tensor:

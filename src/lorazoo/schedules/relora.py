@@ -151,13 +151,19 @@ class ReLoRA(Schedule):
             if not torch.allclose(delta, form.scale * B @ A, rtol=1e-3, atol=1e-3 * delta.abs().max().item()):
                 raise LorazooError(f"form '{form.part_name}' at {path!r}: its update is not s·B·A, so ReLoRA "
                                    f"cannot merge it through its factors; use form='lora'")
-        for layer in layers.values():
-            ad = layer.adapters[handle.name]
-            B, A = ad.form.factors()
-            ad.shift_base(layer.linear_weight(), ad.form.scale * B, A)
-            ad.form.reset_parameters()
-            if optimizer is not None:
-                for p in ad.form.parameters():
+        # The re-init draws from a generator seeded by the spec's seed and the merges so far, so every
+        # process of a distributed run (and a resumed run) re-initializes the same factors.
+        merged_rows = next(iter(layers.values())).adapters[handle.name].shift_A.shape[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.seed * 100_003 + merged_rows + 1)
+            for layer in layers.values():
+                ad = layer.adapters[handle.name]
+                B, A = ad.form.factors()
+                ad.shift_base(layer.linear_weight(), ad.form.scale * B, A)
+                ad.form.reset_parameters()
+        if optimizer is not None:
+            for layer in layers.values():
+                for p in layer.adapters[handle.name].form.parameters():
                     self.reset_state(optimizer, p)
 
     def reset_state(self, optimizer, p: torch.Tensor) -> None:
