@@ -172,16 +172,20 @@ def test_triplet_importance_by_hand():
 def test_orthogonality_regularizer_equals_dense_formula():
     model, handle = adapted("adalora", rank=4, schedule="adalora", adalora_orth_reg=0.3)
     perturb(handle)
-    total = 0.0
+    norms = []
     for layer in (model.fc1, model.fc2):
         f = _form(layer)
         P, Q = f.P.detach(), f.Q.detach()
+        p = q = 0.0
         for i in range(4):
             for j in range(4):
                 delta = float(i == j)
-                total += (P[:, i] @ P[:, j] - delta) ** 2 + (Q[i] @ Q[j] - delta) ** 2  # Eq. 35
-    aux = handle.aux_loss()
-    torch.testing.assert_close(aux, 0.3 * total, rtol=1e-6, atol=0)  # Eq. 36
+                p += (P[:, i] @ P[:, j] - delta) ** 2  # Eq. 35, term by term
+                q += (Q[i] @ Q[j] - delta) ** 2
+        torch.testing.assert_close(f.orthogonality(), p + q, rtol=1e-10, atol=0)
+        norms += [p ** 0.5, q ** 0.5]
+    aux = handle.aux_loss()  # the authors' code and PEFT: mean of the unsquared norms over the matrices
+    torch.testing.assert_close(aux, 0.3 * sum(norms) / len(norms), rtol=1e-6, atol=0)
     aux.backward()
     assert _form(model.fc1).P.grad.abs().sum() > 0 and _form(model.fc2).Q.grad.abs().sum() > 0
 

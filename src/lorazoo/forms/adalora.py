@@ -56,7 +56,12 @@ class AdaLoRA(Form):
     def update_factors(self, weight):
         return self.P * (self.singular_values() * self.scale), self.Q
 
+    def orthogonality_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖PᵀP − I‖²_F, ‖QQᵀ − I‖²_F), differentiable."""
+        eye = torch.eye(self.rank, device=self.P.device, dtype=self.P.dtype)
+        return (self.P.T @ self.P - eye).square().sum(), (self.Q @ self.Q.T - eye).square().sum()
+
     def orthogonality(self) -> torch.Tensor:
         """R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (study Eq. 35), differentiable."""
-        eye = torch.eye(self.rank, device=self.P.device, dtype=self.P.dtype)
-        return (self.P.T @ self.P - eye).square().sum() + (self.Q @ self.Q.T - eye).square().sum()
+        p, q = self.orthogonality_terms()
+        return p + q
