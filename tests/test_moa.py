@@ -133,14 +133,18 @@ def test_starts_as_base_save_load_and_copy(tmp_path):
         handle.merge()
 
 
-def test_without_labels_by_default_it_warns_once_and_trains_on_the_routers_choice():
+def test_without_labels_it_refuses_by_default_and_can_warn_instead():
     model, handle, layer = single_layer("moa", rank=8, experts=4)
+    model.train()
+    with pytest.raises(lorazoo.LorazooError, match="no domain labels.*set_domains"):
+        model(torch.randn(5, 6, 20, dtype=torch.float64))
+    model, handle, layer = single_layer("moa", rank=8, experts=4, moa_require_domains=False)
     perturb(handle, scale=1.0)
     x = torch.randn(5, 6, 20, dtype=torch.float64)
     model.eval()
     ref = model(x)
     model.train()
-    with pytest.warns(UserWarning, match="no domain labels.*set_domains.*moa_require_domains=True"):
+    with pytest.warns(UserWarning, match="no domain labels.*set_domains.*moa_require_domains=False"):
         out = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)  # the router's top-1, as in inference
     assert handle.aux_loss() == 0  # no labels: no router loss

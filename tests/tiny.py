@@ -47,6 +47,7 @@ def train(model, handle, steps: int = 30, lr: float = 1e-2, data=None) -> list[f
     handle.plan(steps)
     base_lrs = [g["lr"] for g in opt.param_groups]
     losses = []
+    give_labels(handle, y)
     model.train()
     for step in range(1, steps + 1):
         for g, lr0 in zip(opt.param_groups, base_lrs):
@@ -58,8 +59,19 @@ def train(model, handle, steps: int = 30, lr: float = 1e-2, data=None) -> list[f
         opt.zero_grad()
         handle.after_step(opt, step)
         losses.append(loss.item())
+    give_labels(handle, None)
     model.eval()
     return losses
+
+
+def give_labels(handle, y) -> None:
+    """Forms routed by labels that come with the data (MoA's domains, MTLoRA's tasks, MokA's
+    modalities) get ``y`` folded into their label range, one label per sample (None: cleared)."""
+    from lorazoo.routing import set_labels
+
+    for cls in {type(ad.form) for ad in handle.adapters().values() if getattr(ad.form, "label_kind", None)}:
+        n = min(ad.form.label_classes for ad in handle.adapters().values() if isinstance(ad.form, cls))
+        set_labels(handle, cls, None if y is None else y % n)
 
 
 def perturb(handle, scale: float = 0.3, seed: int = 3) -> None:

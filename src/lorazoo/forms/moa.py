@@ -18,10 +18,9 @@ sample: per row of a (batch, seq, in) input, per row of an (N, in) input); the :
 context does it for one block; :func:`read_domains_from_batches` registers a hook on the model
 that takes them from a batch key (``"domains"`` by default) and removes the key before the model
 sees the batch, so ``model(**batch)`` — lorazoo's Trainer — passes them with no other change.
-A training forward without labels names these three ways: with ``moa_require_domains=True`` it
-raises LorazooError; by default it warns once and trains on the routers' own top-1 choices (the
-routers then get no supervision). The default is not the error because every registered form must
-train on plain batches (tests/test_property.py adapts and trains every part without labels).
+A training forward without labels raises LorazooError naming these three ways (MoA's routing is
+supervised: without labels it would silently train unsupervised routers); with
+``moa_require_domains=False`` it warns once instead and trains on the routers' own top-1 choices.
 
 Choices: the study names the method without equations and we could not read the paper's code
 here; the expert init is LoRA's (starts as the base), the mean over tokens includes padding (the
@@ -55,7 +54,7 @@ _HOW = ("give them with lorazoo.forms.moa.set_domains(handle, labels) or the dom
 class MoA(ExpertMixture):
     """MoA: :class:`ExpertMixture` with one expert per domain and sequence-level top-1 routing."""
 
-    options = {"experts": 8, "moa_router_weight": 1.0, "moa_require_domains": False}
+    options = {"experts": 8, "moa_router_weight": 1.0, "moa_require_domains": True}
     label_kind = "domain"
 
     @property
@@ -100,8 +99,8 @@ class MoA(ExpertMixture):
             if self.require_domains:
                 raise LorazooError(message)
             if not self._warned:
-                warnings.warn(message + " (training on the routers' own top-1 choices, routers unsupervised; "
-                              "moa_require_domains=True makes this an error)", stacklevel=2)
+                warnings.warn(message + " (training on the routers' own top-1 choices, routers unsupervised, "
+                              "as moa_require_domains=False asks)", stacklevel=2)
                 self._warned = True
         return labels
 
