@@ -84,7 +84,8 @@ def test_forms_match_their_merged_conv_and_unmerge_exactly(form, k):
     torch.testing.assert_close(model(x), out, rtol=1e-12, atol=1e-12)
 
 
-SMALL = {"molre": {"molre_ranks": [1, 2], "top_k": 1}}  # its default experts (ranks 1..8) exceed the 6-channel conv
+SMALL = {"molre": {"molre_ranks": [1, 2], "top_k": 1},  # its default experts (ranks 1..8) exceed the conv
+         "moa": {"moa_require_domains": False}}  # no domain labels for image patches here
 
 
 def conv_spec(form):

@@ -1,26 +1,37 @@
 """Sine-LoRA (Ji, Saratchandran, Gordon, Zhang, Lucey, ICLR 2025, 'Efficient Learning with Sine-Activated
-Low-Rank Matrices') [73]: LoRA's product passed entrywise through a sine.
+Low-Rank Matrices', arXiv 2403.19243) [73]: LoRA's product passed entrywise through a sine.
 
-The study only names the method; the specification is the paper (Sec. 3: φ(x) = sin(ω·U Vᵀ)/g raises
-the rank of a low-rank product, ω the frequency, g a gain that keeps the update small) and the
-authors' code (github.com/samy-ji/Sine-Low-Rank, ``llm/peft/src/peft/tuners/sinlora.py``):
+The study only names the method; the specification is the paper (φ = sin(ω·U Vᵀ)/g raises the rank
+of a low-rank product; ω the frequency, g a gain that keeps the update small) and the authors' code,
+github.com/samy-ji/Sine-Low-Rank (read at commit 6dd03a0), ``llm/peft/src/peft/tuners/sinlora.py``:
 
     ΔW = s·sin(ω·B A)/g,   g = sqrt(in),   s = alpha/r,   h = W0 x + ΔW x,
 
 A Kaiming-uniform, B zero (LoRA's init, the code's ``reset_parameters``), so ΔW = sin(0) = 0 at init
-and the model starts as the base. g = sqrt(in_features) as the code (``self.s =
-math.sqrt(in_features)``); ``sinelora_gain`` overrides it. ω (``sinelora_frequency``) is a required
-command-line argument of the released scripts with no value anywhere in the repository, and the
-paper's experimental section could not be read here: the default 200 is UNVERIFIED (an order of
-magnitude in the paper's range, not a checked value); check it against the paper's LLM setup
+and the model starts as the base.
+
+Verified in the authors' code: the form (forward ``x @ sin(freq·Aᵀ Bᵀ)/self.s * scaling``, merge
+``sin(freq·B A)/self.s * scaling``), the gain (``Linear.__init__`` ends with ``self.s =
+math.sqrt(in_features)``, overwriting the ``s`` argument; sindora.py the same, its optional
+``learnable`` mode starts the trainable gain at sqrt(in)), the init, and s = lora_alpha/r.
+``sinelora_gain`` overrides g (0: sqrt(in)).
+
+NOT verified: ω. The released LLM scripts take it as a required argument (``finetune.py``: ``freq:
+int = 0``, which would give ΔW = 0; ``commonsense_evaluate_sindora.py``: ``--freq``, required) and no
+value is recorded in the repository, its README or the project page (github.com/samy-ji/
+sine_activated_PEL, which only shows ω = 100 and ω = 2000 in its rank illustration). The paper's
+experimental appendix could not be read here (only its abstract and introduction were reachable).
+The study's LoRAFactory code defaults to ``--sinelora-freq 600``, but for a different placement
+(sin(ω·B A x)/sqrt(out) on the activations), so its value does not transfer. The default 200
+(``sinelora_frequency``) is kept as an unchecked order of magnitude: set ω from the paper's LLM setup
 before reproducing a table.
 
 Choices:
 
-- The sine acts on the entries of the weight update, as the authors' code (``x @ sin(ω Aᵀ Bᵀ)/g``)
-  and the paper's title ("sine-activated low-rank matrices"). The study's own LoRAFactory code
-  (``LinearWithSineLoRA``) applies it to the low-rank output instead, sin(ω·B A x)/sqrt(out), which
-  depends on x and cannot be merged; lorazoo follows the authors.
+- The sine acts on the entries of the weight update, as the authors' code and the paper's title.
+  The study's own LoRAFactory code (``LinearWithSineLoRA``) applies it to the low-rank output
+  instead, sin(ω·B A x)/sqrt(out), which depends on x and cannot be merged; lorazoo follows the
+  authors.
 - ΔW is a fixed matrix: mergeable exactly. It is dense (sin(BA) has no factored form), so the
   forward forms the (out, in) product as the authors' forward does; the shared
   :class:`~lorazoo.forms.nonlinear.EntrywiseNonlinear` keeps only x and B·A for backward. Cost per
@@ -43,7 +54,8 @@ from .nonlinear import EntrywiseNonlinear
 
 @FORMS.register("sinelora", paper="Sine-LoRA (Ji et al., ICLR 2025, 'Efficient Learning with Sine-Activated "
                 "Low-Rank Matrices') [73]",
-                equations="paper Sec. 3 and authors' code (sinlora.py): ΔW = s·sin(ω·B A)/g, g = sqrt(in), ω = 200 (unverified)",
+                equations="authors' code (sinlora.py): ΔW = s·sin(ω·B A)/g, g = sqrt(in) (verified); ω = 200 (not in the "
+                "code; unverified)",
                 summary="LoRA whose product B·A passes entrywise through sin(ω·)/g; full-rank ΔW, mergeable, dense")
 class SineLoRA(EntrywiseNonlinear):
     """ΔW = s·sin(ω·B diag(m) A)/g; ω = ``sinelora_frequency``, g = ``sinelora_gain`` (0: sqrt(in))."""

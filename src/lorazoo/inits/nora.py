@@ -1,10 +1,11 @@
-"""NoRA's init (Lin et al., 2024 [79]): outer pair and inner LoRA from the SVD of W0, base shifted.
+"""NoRA's init (Lin et al., 2024 [79]; authors' code lliai/LoRA-Zoo, NoRALinear_C, init_method '1').
 
-For the form ``nora`` (forms/nora.py, which has the sources and the choices): with W0 = U S Vᵀ,
-the outer pair is U_r, V_rᵀ (frozen), the inner pair holds the top r' singular values,
-B_i = [diag sqrt(S_r'/s); 0] (r, r'), A_i = [diag sqrt(S_r'/s), 0] (r', r), so s·ΔW = U_r' S_r' V_r'ᵀ,
-and that part is moved out of the base (W0 - U_r' S_r' V_r'ᵀ): the model starts as the base.
-The 1/s inside the root is PiSSA's (inits/svd.py): s·ΔW, not ΔW, is the principal part.
+For the form ``nora`` (forms/nora.py, which has the sources and the choices): with W0 = U S Vᵀ the
+frozen outer pair is U_R S_R (out, R) and V_Rᵀ (R, in); the inner pair starts as LoRA (A_i
+Kaiming-uniform, B_i zero), so ΔW = 0 and the base is left as it is: the model starts as the base.
+The form's default init computes the same outer pair (``after_factor_init``); this part names
+NoRA's init axis in the catalogue and refuses other forms. The authors' activation scaling of W0
+(ASVD, from calibration data) is left out (forms/nora.py).
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from ..registry import INITS
 
 
 @INITS.register("nora", paper="NoRA (Lin et al., 2024) [79]",
-                equations="W0 = U S Vᵀ: outer U_r, V_rᵀ; inner B_i = [diag sqrt(S_r'/s); 0], A_i = [diag sqrt(S_r'/s), 0]; "
-                "base W0 - U_r' S_r' V_r'ᵀ",
-                summary="NoRA's SVD init: frozen outer singular vectors, inner LoRA on the top r' singular values, "
-                "base shifted")
+                equations="W0 = U S Vᵀ: frozen outer U_R S_R, V_Rᵀ; inner A_i Kaiming, B_i = 0; base unchanged",
+                summary="NoRA's SVD init: frozen outer pair from the top-R singular triplets of W0, inner LoRA "
+                "from zero")
 class NoRAInit(Init):
     needs_factors = False
 
@@ -32,12 +32,4 @@ class NoRAInit(Init):
     @torch.no_grad()
     def apply(self, path, adapter, layer, weight):
         form = adapter.form
-        S = form.set_outer(weight)
-        inner = form.rank
-        root = (S[:inner] / form.scale).sqrt()
-        form.B_inner.zero_()
-        form.A_inner.zero_()
-        form.B_inner[:inner].copy_(torch.diag(root))
-        form.A_inner[:, :inner].copy_(torch.diag(root))
-        # s·U_r B_i A_i V_rᵀ, with the stored (rounded) tensors, moved out of the base
-        adapter.shift_base(weight, -form.scale * (form.U @ form.B_inner), form.A_inner @ form.Vt)
+        form.set_outer(weight)  # the inner pair keeps the form's LoRA start (A_i Kaiming, B_i = 0)

@@ -13,7 +13,7 @@ PRESETS = [
        scale="constant", alpha=4),
     _p("dude", "DuDe: DoRA's magnitude x direction with the direction's B, A from PiSSA's SVD (base shifted)",
        "II-C2", "form, init", "[69] (DuDe Fig. 1b)", tier=3, form="dora", init="pissa"),
-    _p("nora", "NoRA: inner LoRA (r x r) nested in frozen top-r singular vectors of W0, top singular values "
-       "moved from the base into it", "II-D1", "init, form", "[79] (NoRA; structure from its abstract)", tier=3,
-       form="nora", init="nora"),
+    _p("nora", "NoRA: inner LoRA (rank r) nested in a frozen outer pair U_R S_R, V_R of W0's SVD, "
+       "R = 0.8 min(in, out)", "II-D1", "init, form", "[79] (NoRA abstract; authors' NoRALinear_C, lliai/LoRA-Zoo)",
+       tier=3, form="nora", init="nora"),
 ]
