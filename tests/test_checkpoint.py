@@ -66,6 +66,33 @@ def kill_at(handle, step):
     handle.after_step = after
 
 
+def allocation_survives_a_kill(tmp_path, make, kill=7, every=4):
+    """Train ``make()`` (-> model, handle) 12 steps uninterrupted; again, killed at step ``kill``
+    with checkpoints every ``every``; resume in a "new process". The resumed adapter equals the
+    uninterrupted one, its rank masks exactly, and its schedule reports the same allocation.
+    Returns (uninterrupted handle, resumed handle, the uninterrupted state)."""
+    torch.manual_seed(0)
+    model, handle = make()
+    trainer(model, handle).fit(epoch_batches)  # 12 steps
+    ref = {k: v.detach().clone() for k, v in handle.state_dict().items()}
+    torch.manual_seed(0)
+    model1, handle1 = make()
+    run = trainer(model1, handle1, tmp_path, every)
+    kill_at(handle1, kill)
+    with pytest.raises(Killed):
+        run.fit(epoch_batches)
+    torch.manual_seed(1234)  # a new process: other RNG state, fresh model and adapter
+    model2, handle2 = make()
+    trainer(model2, handle2, tmp_path, every).fit(epoch_batches, resume=True)
+    out = handle2.state_dict()
+    for k, v in ref.items():
+        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-6)
+        if k.endswith("_mask"):
+            assert torch.equal(out[k], v), k  # the allocation came back exactly
+    assert handle2.schedule.summary(handle2) == handle.schedule.summary(handle)
+    return handle, handle2, ref
+
+
 def snapshot(model, handle):
     return {**{k: v.detach().clone() for k, v in handle.state_dict().items() if not k.endswith(("shift_A", "shift_B"))},
             **{f"base.{n}": w.detach().clone() for n, w in

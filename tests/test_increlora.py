@@ -206,7 +206,7 @@ def test_bad_options_are_refused(bad, match):
 
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
-    from test_checkpoint import Killed, epoch_batches, kill_at, trainer
+    from test_checkpoint import allocation_survives_a_kill
 
     def make():
         model = TinyNet(dtype=torch.float32)
@@ -214,24 +214,6 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
                                           **{k: v for k, v in OPTS.items() if k != "schedule"})
         return model, lorazoo.adapt(model, spec)
 
-    torch.manual_seed(0)
-    model, handle = make()
-    trainer(model, handle).fit(epoch_batches)  # 12 steps
-    ref = {k: v.detach().clone() for k, v in handle.state_dict().items()}
-    torch.manual_seed(0)
-    model1, handle1 = make()
-    run = trainer(model1, handle1, tmp_path, 4)
-    kill_at(handle1, 7)
-    with pytest.raises(Killed):
-        run.fit(epoch_batches)
-    torch.manual_seed(1234)  # a new process: other RNG state, fresh model and adapter
-    model2, handle2 = make()
-    trainer(model2, handle2, tmp_path, 4).fit(epoch_batches, resume=True)
-    out = handle2.state_dict()
-    for k, v in ref.items():
-        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-6)
-        if k.endswith("_mask"):
-            assert torch.equal(out[k], v), k  # the allocation came back exactly
-    assert handle2.schedule.summary(handle2) == handle.schedule.summary(handle)
+    handle, handle2, ref = allocation_survives_a_kill(tmp_path, make)
     fresh = make()[1].state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in ref.items() if k.endswith("rank_mask"))  # it moved
