@@ -21,7 +21,7 @@ from lorazoo.layer import AdaptedLayer
 
 peft = pytest.importorskip("peft")
 from peft import (AdaLoraConfig, DeloraConfig, HiraConfig, LoHaConfig, LoKrConfig, LoraConfig,  # noqa: E402
-                  PeftModel, VeraConfig, get_peft_model)
+                  PeftModel, RandLoraConfig, VBLoRAConfig, VeraConfig, get_peft_model)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -114,6 +114,11 @@ LOAD_CASES = {
                                      total_step=10),
     "hira": lambda: HiraConfig(r=4, target_modules=["l1", "l2"], rank_pattern={"l2": 2}),
     "delora": lambda: DeloraConfig(r=4, delora_lambda=10, target_modules=["l1", "l2"], module_dropout=0.1),
+    # r=8: l1 (16 -> 24) and l2 (24 -> 12) both get n = 2 bases (the shared basis holds 3)
+    "randlora": lambda: RandLoraConfig(r=8, randlora_alpha=16, target_modules=["l1", "l2"], randlora_dropout=0.1),
+    "randlora_sparse": lambda: RandLoraConfig(r=8, target_modules=["l1", "l2"], sparse=True, init_weights=False),
+    "vblora": lambda: VBLoRAConfig(r=2, target_modules=["l1", "l2"], vector_length=4, num_vectors=10, topk=3,
+                                   vblora_dropout=0.1),
 }
 
 
@@ -302,6 +307,11 @@ SAVE_CASES = {
     "adalora": dict(form="adalora", schedule="adalora", scale="adalora", rank=4, targets=["l1", "l2"]),
     "hira": dict(form="hira", rank=3, targets=["l1", "l2"]),
     "delora": dict(form="delora", rank=3, targets=["l1", "l2"]),
+    "randlora": dict(form="randlora", rank=8, targets=["l1", "l2"], dropout=0.1),
+    "randlora_one_layer": dict(form="randlora", rank=3, alpha=5, scale="lora", targets=["l1"]),
+    "randlora_bounded_bank": dict(form="randlora", rank=8, randlora_bound=16, targets=["l1", "l2"]),
+    "vblora": dict(form="vblora", rank=3, alpha=2, targets=["l1", "l2"], vblora_vector_length=4,
+                   vblora_num_vectors=10),
 }
 
 
@@ -336,7 +346,6 @@ def test_save_peft_base_shift_is_written_as_converted_rank(tmp_path):
 @pytest.mark.parametrize("spec, needle", [
     (dict(form="moslora"), "form 'moslora' has no PEFT equivalent"),
     (dict(form="goat"), "form 'goat' has no PEFT equivalent"),
-    (dict(form="randlora"), "PEFT has RandLoRA (RANDLORA), but lorazoo does not write"),
     (dict(form="melora"), "form 'melora' has no PEFT equivalent"),
 ])
 def test_save_peft_refuses_other_methods_before_writing(spec, needle, tmp_path):
@@ -493,3 +502,73 @@ def test_delora_below_peft_norm_clamp_is_refused(tmp_path):
     with pytest.raises(LoadError, match="below PEFT's clamp"):
         lorazoo.load_peft(model, tmp_path)
     _assert_untouched(model, snap)
+
+
+# --- RandLoRA and VB-LoRA: what cannot be expressed is refused, both ways ---------------------------
+@pytest.mark.parametrize("spec, needle", [
+    (dict(form="randlora", rank=4, targets=["l1", "l2"]), "different numbers of bases"),  # n = 4 and 3
+    (dict(form="randlora", rank=4, randlora_bound=8, targets=["l1"]), "randlora_bound=8 caps the number of bases"),
+    (dict(form="randlora", rank=8, targets=["l1", "l2"], ranks={"l1": 8, "l2": 6}), "ranks [6, 8]"),
+    (dict(form="vblora", rank=2, targets=["l1"]), "not multiples of vblora_vector_length=256"),
+    (dict(form="vblora", rank=2, targets=["l1", "l2"], vblora_vector_length=4, vblora_num_vectors=8,
+          ranks={"l1": 2, "l2": 3}), "one rank for all layers; this adapter has ranks [2, 3]"),
+])
+def test_save_peft_randlora_vblora_refusals(spec, needle, tmp_path):
+    model = Tiny()
+    ranks = spec.pop("ranks", None)
+    h = lorazoo.adapt(model, AdapterSpec(**spec), ranks=ranks)
+    out = tmp_path / "out"
+    with pytest.raises(LorazooError) as e:
+        h.save(out, format="peft")
+    assert needle in str(e.value), str(e.value)
+    assert not out.exists()
+
+
+def test_save_peft_randlora_vblora_layout(tmp_path):
+    """RandLoRA's scale goes into γ (randlora_alpha = r), its basis is permuted; VB-LoRA's √s into the bank."""
+    model = Tiny()
+    h = lorazoo.adapt(model, AdapterSpec(form="randlora", rank=8, alpha=3, scale="lora", targets=["l1", "l2"]))
+    _perturb(model)
+    h.save(tmp_path / "rl", format="peft")
+    config = json.loads((tmp_path / "rl" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RANDLORA" and config["randlora_alpha"] == 8 and config["save_projection"]
+    t = load_file(str(tmp_path / "rl" / "adapter_model.safetensors"))
+    form = h.adapters()["l1"].form
+    torch.testing.assert_close(t["base_model.model.l1.randlora_gamma"], form.gam.detach() * (3 / 8 / 2 ** 0.5))
+    torch.testing.assert_close(t["base_model.model.l1.randlora_lambda"], form.lam.detach().t())
+    B = t["base_model.randlora_B"]
+    assert B.shape == (24, 3, 8) and t["base_model.randlora_A"].shape == (8, 1, 24)
+    # PEFT's column 1 (= (0, 1)) pairs with A row 0 and γ row 1: lorazoo's B[:, 1, 0]
+    assert torch.equal(B[:, 0, 1], form.bank.B[:, 1, 0]) and torch.equal(B[:, 0, 0], form.bank.B[:, 0, 0])
+    assert torch.equal(t["base_model.model.l2.randlora_B"], B)  # PEFT's per-layer copies of the shared basis
+    model = Tiny()
+    h = lorazoo.adapt(model, AdapterSpec(form="vblora", rank=2, alpha=8, targets=["l1"], vblora_vector_length=4,
+                                         vblora_num_vectors=6))
+    h.save(tmp_path / "vb", format="peft")
+    t = load_file(str(tmp_path / "vb" / "adapter_model.safetensors"))
+    torch.testing.assert_close(t["base_model.vblora_vector_bank"], h.adapters()["l1"].form.bank.vectors.detach() * 2)
+
+
+def _load_refused(path, needle):
+    model = Tiny()
+    snap = _snapshot(model)
+    with pytest.raises(LoadError) as e:
+        lorazoo.load_peft(model, path)
+    assert needle in str(e.value), str(e.value)
+    _assert_untouched(model, snap)
+
+
+def test_load_peft_randlora_vblora_refusals(tmp_path):
+    _peft_save(RandLoraConfig(r=4, target_modules=["l1", "l2"]), tmp_path / "n")  # l1: n = 4, l2: n = 3
+    _load_refused(tmp_path / "n", "different numbers of bases")
+    _peft_save(RandLoraConfig(r=8, target_modules=["l1", "l2"], save_projection=False), tmp_path / "noproj")
+    _load_refused(tmp_path / "noproj", "save_projection=False")
+    _peft_save(LOAD_CASES["randlora"](), tmp_path / "copy")
+    _edit_tensors(tmp_path / "copy", lambda t: t["base_model.model.l2.randlora_A"].mul_(2))
+    _load_refused(tmp_path / "copy", "copy of the shared RandLoRA bases differs")
+    _peft_save(VBLoRAConfig(r=2, target_modules=["l1"], vector_length=4, num_vectors=10, save_only_topk_weights=True),
+               tmp_path / "topk")
+    _load_refused(tmp_path / "topk", "save_only_topk_weights=True")
+    _peft_save(LOAD_CASES["vblora"](), tmp_path / "bank")
+    _edit_tensors(tmp_path / "bank", lambda t: t.pop("base_model.vblora_vector_bank"))
+    _load_refused(tmp_path / "bank", "lacks base_model.vblora_vector_bank")

@@ -28,8 +28,15 @@ Supported (anything else is refused, naming the option):
   regenerated from ``projection_prng_key`` exactly as PEFT does; scale "constant", alpha 1.
 - HIRA, DELORA: nn.Linear layers; see ``lorazoo.peft_format`` for DeLoRA's mapping (PEFT's
   single normalized term; factor norms under PEFT's 1e-4 clamp are refused).
-- Not read: RANDLORA, VBLORA (their shared bases are laid out differently; not mapped yet) and
-  the PEFT types lorazoo has no form for (IA3, OFT, BOFT, prompt tuning, ...).
+- RANDLORA: nn.Linear layers, the shared bases from the file (``save_projection=False`` refused:
+  PEFT regenerates them with a half-precision Kaiming draw lorazoo does not reproduce; ``sparse``
+  and ``very_sparse`` only shape that draw, so a file holding the bases loads whatever they say);
+  every layer must have the same number of bases n (see ``lorazoo.peft_format``); scale
+  "constant", alpha 1, PEFT's randlora_alpha/r·√n folded into γ.
+- VBLORA: nn.Linear layers, the shared vector bank and the logits as they are; scale "constant",
+  alpha 1 (PEFT has none). ``save_only_topk_weights=True`` (integer top-k indices, logits lost)
+  is refused.
+- Not read: the PEFT types lorazoo has no form for (IA3, OFT, BOFT, prompt tuning, ...).
 
 ``rank_dropout``/``module_dropout`` (LoHa, LoKr) mean something else than lorazoo's rank dropout;
 they are refused unless named in ``drop_options`` (inference is unaffected by them).
@@ -56,7 +63,7 @@ from .forms.lokr import kron_shapes
 from .errors import LoadError, LorazooError
 from .handle import AdapterHandle, handles_of
 from .peft_format import (CONFIG, DELORA_FLOOR, PREFIX, TENSORS, module_kind, pattern_key, peft_lokr_dense_w2,
-                          peft_lokr_shapes)
+                          peft_lokr_shapes, randlora_common_n, randlora_peft_columns)
 from .spec import AdapterSpec
 from .targets import candidate_layers
 
@@ -76,6 +83,10 @@ _HANDLED = {
              "init_weights"},
     "HIRA": {"hira_dropout", "fan_in_fan_out", "init_weights"},
     "DELORA": {"delora_lambda", "module_dropout", "bias", "init_weights", "lambda_pattern"},
+    "RANDLORA": {"projection_prng_key", "save_projection", "sparse", "very_sparse", "randlora_dropout",
+                 "fan_in_fan_out", "randlora_alpha", "bias", "init_weights"},
+    "VBLORA": {"num_vectors", "vector_length", "topk", "vblora_dropout", "init_logits_std", "init_vector_bank_bound",
+               "fan_in_fan_out", "bias"},
 }
 _PLAIN_INITS = (True, False, "gaussian", "eva")
 _SHIFT_INITS = ("pissa", "olora")
@@ -97,6 +108,10 @@ def read_peft(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise LoadError(f"{cfile} is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise LoadError(f"{cfile} is not a PEFT adapter config (no 'peft_type')")
+    if config.get("peft_type") == "VBLORA" and config.get("save_only_topk_weights"):
+        raise LoadError(f"{cfile}: VB-LoRA saved with save_only_topk_weights=True keeps only integer top-k indices "
+                        f"and weights, not the logits lorazoo's VB-LoRA holds; save the PEFT adapter with "
+                        f"save_only_topk_weights=False")
     if "lorazoo_version" in config:
         raise LoadError(f"{str(path)!r} holds a lorazoo adapter, not a PEFT one; load it with lorazoo.load()")
     if not tfile.is_file():
@@ -174,7 +189,10 @@ _SUFFIXES = {
     "VERA": ("vera_lambda_b", "vera_lambda_d"),
     "HIRA": ("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"),
     "DELORA": ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),
+    "RANDLORA": ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"),
+    "VBLORA": ("vblora_logits_A", "vblora_logits_B"),
 }
+_SHARED = {"VERA": ("vera_A", "vera_B"), "RANDLORA": ("randlora_A", "randlora_B"), "VBLORA": ("vblora_vector_bank",)}
 
 
 def _split(tensors: dict, kind: str, model: nn.Module, config: dict):
@@ -182,7 +200,7 @@ def _split(tensors: dict, kind: str, model: nn.Module, config: dict):
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
     rest, bank = {}, {}
     for k, t in tensors.items():
-        if kind == "VERA" and k in ("base_model.vera_A", "base_model.vera_B"):
+        if k.startswith("base_model.") and k[len("base_model."):] in _SHARED.get(kind, ()):
             bank[k[len("base_model."):]] = t
             continue
         if not k.startswith(PREFIX):
@@ -257,8 +275,8 @@ def load_peft(model: nn.Module, path, name: str | None = None, *, drop_options=(
         raise LoadError(f"model already has an adapter named {name!r}; pass name=... to load it under another")
     kind = config["peft_type"]
     if kind not in _HANDLED:
-        raise LoadError(f"PEFT adapter type {kind!r} is not read by lorazoo (no lorazoo equivalent, or, for "
-                        f"RANDLORA and VBLORA, not mapped yet); lorazoo loads {', '.join(sorted(_HANDLED))}")
+        raise LoadError(f"PEFT adapter type {kind!r} is not read by lorazoo (no lorazoo equivalent); lorazoo "
+                        f"loads {', '.join(sorted(_HANDLED))}")
     _check_options(config, kind, drop_options)
     per_layer, saved, bank = _split(tensors, kind, model, config)
     if not per_layer:
@@ -291,7 +309,7 @@ def load_peft(model: nn.Module, path, name: str | None = None, *, drop_options=(
         raise LoadError("PEFT option ensure_weight_tying=True (the adapter shared by tied embeddings and head) has "
                         "no lorazoo equivalent")
     build = {"LORA": _lora, "ADALORA": _adalora, "LOHA": _loha, "LOKR": _lokr, "VERA": _vera, "HIRA": _hira,
-             "DELORA": _delora}[kind]
+             "DELORA": _delora, "RANDLORA": _randlora, "VBLORA": _vblora}[kind]
     spec_kw, ranks, fill, initialize = build(config, per_layer, bases, bank)
     spec_kw.update(targets=sorted(per_layer), modules_to_save=sorted(saved))
     try:
@@ -557,3 +575,74 @@ def _delora(config, per_layer, bases, bank):
 
     return dict(form="delora", rank=r0, delora_lambda=float(config.get("delora_lambda") or 8.0),
                 dropout=float(config.get("module_dropout") or 0)), ranks, fill, False
+
+
+def _randlora(config, per_layer, bases, bank):
+    _plain_linear("RANDLORA", bases)
+    if not config.get("save_projection", True):
+        raise LoadError("PEFT option save_projection=False on RandLoRA: PEFT regenerates the shared bases from "
+                        "projection_prng_key with a half-precision Kaiming draw that lorazoo does not reproduce; save "
+                        "the PEFT adapter with save_projection=True")
+    r = int(config["r"])
+    shapes = {p: _shape(b) for p, b in bases.items()}
+    max_in, max_out = max(s[0] for s in shapes.values()), max(s[1] for s in shapes.values())
+    lo, hi = min(max_in, max_out), max(max_in, max_out)
+    big = math.ceil(lo / r)
+    if set(bank) != {"randlora_A", "randlora_B"}:
+        raise LoadError("the RandLoRA file lacks base_model.randlora_A or base_model.randlora_B (the shared bases)")
+    A, B = bank["randlora_A"], bank["randlora_B"]
+    if tuple(A.shape) != (r, 1, lo) or tuple(B.shape) != (hi, big, r):
+        raise LoadError(f"the shared RandLoRA bases have shapes {tuple(A.shape)}, {tuple(B.shape)}; these targets "
+                        f"need {(r, 1, lo)} and {(hi, big, r)}")
+    ns = {}
+    for p, got in per_layer.items():
+        m = min(shapes[p])
+        ns[p] = math.ceil(m / r)
+        _need(p, got, {"randlora_lambda": (r, ns[p]), "randlora_gamma": (ns[p], m), "randlora_A": (r, 1, lo),
+                       "randlora_B": (hi, big, r)})
+        if not (torch.equal(got["randlora_A"], A) and torch.equal(got["randlora_B"], B)):
+            raise LoadError(f"layer {p!r}: its copy of the shared RandLoRA bases differs from base_model.randlora_A/B "
+                            f"(PEFT keeps one tensor and would load whichever copy comes last); the file is damaged")
+    n = randlora_common_n(ns, r, LoadError)
+    alpha = float(config.get("randlora_alpha", 640))
+    flat = B.reshape(hi, -1)
+    lz = torch.empty_like(flat)
+    lz[:, randlora_peft_columns(n, r, flat.shape[1])] = flat
+    lz = lz.reshape(hi, big, r)
+
+    def fill(p, form):
+        got = per_layer[p]
+        _copy(form.lam, got["randlora_lambda"].t())
+        _copy(form.gam, got["randlora_gamma"] * (alpha / r * math.sqrt(form.n) / form.scale))
+        form.bank.A.copy_(A[:, 0].to(form.bank.A))
+        form.bank.B.copy_(lz.to(form.bank.B))
+
+    return dict(form="randlora", scale="constant", alpha=1, rank=r, seed=int(config.get("projection_prng_key", 0)),
+                dropout=float(config.get("randlora_dropout") or 0)), {p: r for p in per_layer}, fill, False
+
+
+def _vblora(config, per_layer, bases, bank):
+    _plain_linear("VBLORA", bases)
+    r, h, b = int(config["r"]), int(config["num_vectors"]), int(config["vector_length"])
+    if set(bank) != {"vblora_vector_bank"}:
+        raise LoadError("the VB-LoRA file lacks base_model.vblora_vector_bank (the shared vector bank)")
+    if tuple(bank["vblora_vector_bank"].shape) != (h, b):
+        raise LoadError(f"the VB-LoRA vector bank has shape {tuple(bank['vblora_vector_bank'].shape)}; the config "
+                        f"says num_vectors={h}, vector_length={b}")
+    for p, got in per_layer.items():
+        fin, fout = _shape(bases[p])
+        if fin % b or fout % b:
+            raise LoadError(f"layer {p!r} ({fin} -> {fout}) is not a multiple of vector_length={b}; PEFT's VB-LoRA "
+                            f"refuses it too")
+        _need(p, got, {"vblora_logits_A": (r, fin // b, h), "vblora_logits_B": (fout // b, r, h)})
+
+    def fill(p, form):
+        _copy(form.logits_A, per_layer[p]["vblora_logits_A"])
+        _copy(form.logits_B, per_layer[p]["vblora_logits_B"])
+        _copy(form.bank.vectors, bank["vblora_vector_bank"])
+
+    return dict(form="vblora", scale="constant", alpha=1, rank=r, dropout=float(config.get("vblora_dropout") or 0),
+                vblora_num_vectors=h, vblora_vector_length=b, vblora_topk=int(config.get("topk", 2)),
+                vblora_logits_std=float(config.get("init_logits_std", 0.1)),
+                vblora_bank_bound=float(config.get("init_vector_bank_bound", 0.02))), {p: r for p in per_layer}, \
+        fill, False

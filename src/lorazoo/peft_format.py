@@ -20,6 +20,18 @@ VERA       vera: base_model.vera_A / vera_B = the shared bank, vera_lambda_d = d
 HIRA       hira: hira_A = A, hira_B = s·B (PEFT's HiRA has no scale). PEFT 0.21 builds every HiRA
            layer at the config's r (it ignores rank_pattern there): layers of lower rank are
            written zero-padded, and read at the rank their tensors have.
+RANDLORA   randlora: randlora_lambda = λ^T (r, n), randlora_gamma = γ·(s/√n) (n, m) with randlora_alpha = r
+           (PEFT's scale alpha/r = 1; it has no 1/√n); the shared bank as base_model.randlora_A =
+           A as (r, 1, D_min) and randlora_B (D_max, N, r), also under every layer, as PEFT saves
+           it. PEFT pairs column c of the flattened B (D_max, n·r) with A row c // n and γ row c % n,
+           lorazoo with A row c % r and γ row c // r: B's first n·r columns are written permuted
+           (PEFT column c = lorazoo column (c % n)·r + c // n). That permutation depends on
+           n = ceil(min(in, out)/r), so every layer must have the same n (else refused, both ways);
+           ``randlora_bound`` below a layer's min(in, out) (PEFT has no bound) is refused.
+VBLORA     vblora: vblora_logits_A, vblora_logits_B as they are (same layout), base_model.
+           vblora_vector_bank = bank·√s (PEFT's VB-LoRA has no scale; B and A are both linear in the
+           bank, so this gives s·BA): one s > 0 for all layers, one rank, in and out multiples of
+           ``vblora_vector_length`` (PEFT refuses others); ``save_only_topk_weights`` not read.
 DELORA     delora: PEFT has one normalized term, lorazoo two (the trained one minus its frozen
            start): delora_A = [A; A0], delora_B = [B, -B0] at rank 2r and delora_lambda = 2λ (so
            that 2λ/2r = λ/r), delora_w_norm = Σ_W. Read back, B0 = 0 (a zero second term).
@@ -42,8 +54,6 @@ Writing (every check and every tensor is made before anything is written):
   gets the adapter's function. AdaLoRA's budget schedule is written as PEFT's options
   (total_step from ``adalora_total_steps`` or ``handle.plan``; 1000 when neither is known).
 - Other forms (MoSLoRA, MeLoRA, mixtures, ...) have no PEFT equivalent: the error names the form.
-  RandLoRA and VB-LoRA exist in PEFT but are not mapped yet (bases laid out and scaled
-  differently): refused with that reason.
 """
 from __future__ import annotations
 
@@ -66,8 +76,8 @@ PREFIX = "base_model.model."
 TENSORS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 KINDS = {"lora": "LORA", "dora": "LORA", "adalora": "ADALORA", "loha": "LOHA", "lokr": "LOKR", "vera": "VERA",
-         "hira": "HIRA", "delora": "DELORA"}
-NOT_WRITTEN = {"randlora": "RandLoRA (RANDLORA)", "vblora": "VB-LoRA (VBLORA)"}  # PEFT has them; not mapped yet
+         "hira": "HIRA", "delora": "DELORA", "randlora": "RANDLORA", "vblora": "VBLORA"}
+NOT_WRITTEN: dict[str, str] = {}  # forms PEFT has but lorazoo does not write yet (none left)
 DELORA_FLOOR = 1e-4  # PEFT's clamp of DeLoRA's factor norms
 
 
@@ -134,8 +144,8 @@ def peft_state(handle) -> tuple[dict[str, torch.Tensor], dict]:
     if kind is None:
         raise LorazooError(
             f"form '{spec.form}' has no PEFT equivalent that lorazoo writes (PEFT has LoRA, rsLoRA, DoRA, AdaLoRA, "
-            f"LoHa, LoKr, VeRA, HiRA and DeLoRA: forms {', '.join(sorted(KINDS))}); save this adapter in lorazoo's "
-            f"format (format='lorazoo')")
+            f"LoHa, LoKr, VeRA, HiRA, DeLoRA, RandLoRA and VB-LoRA: forms {', '.join(sorted(KINDS))}); save this "
+            f"adapter in lorazoo's format (format='lorazoo')")
     layers = handle.layers()
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern, alpha_pattern = {}, {}
@@ -146,12 +156,16 @@ def peft_state(handle) -> tuple[dict[str, torch.Tensor], dict]:
             f"'{spec.init}' or schedule '{spec.schedule}'); PEFT's {kind} format has no equivalent (only LoRA "
             f"and DoRA carry one, as extra rank); save it in lorazoo's format")
     convs = [p for p, l in layers.items() if module_kind(l) == "conv"]
-    if kind in ("HIRA", "DELORA"):
+    if kind in ("HIRA", "DELORA", "RANDLORA", "VBLORA"):
         convs = [p for p, l in layers.items() if type(l.base) is not torch.nn.Linear]
     if convs and kind != "LORA":
         raise LorazooError(f"form '{spec.form}' on Conv2d layers ({', '.join(convs[:3])}) is not written in PEFT's "
                            f"format by lorazoo (only LoRA and DoRA are); save it in lorazoo's format")
     rs = spec.scale == "rslora"
+    if kind == "RANDLORA":
+        bank = randlora_peft_bank(handle, layers)
+    if kind == "VBLORA":
+        root = vblora_peft_root(handle, layers)
     for path, layer in layers.items():
         ad = layer.adapters[name]
         form = ad.form
@@ -233,6 +247,14 @@ def peft_state(handle) -> tuple[dict[str, torch.Tensor], dict]:
             tensors[f"{P}.delora_A"], tensors[f"{P}.delora_B"] = _c(A), _c(B)
             tensors[f"{P}.delora_lambda"] = _c(form.lam * 2)
             tensors[f"{P}.delora_w_norm"] = _c(form.w_norm)
+        elif kind == "RANDLORA":
+            tensors[f"{P}.randlora_lambda"] = _c(form.lam.t())
+            tensors[f"{P}.randlora_gamma"] = _c(form.gam * (form.scale / math.sqrt(form.n)))
+            tensors[f"{P}.randlora_A"], tensors[f"{P}.randlora_B"] = _c(bank[0]), _c(bank[1])
+            tensors["base_model.randlora_A"], tensors["base_model.randlora_B"] = _c(bank[0]), _c(bank[1])
+        elif kind == "VBLORA":
+            tensors[f"{P}.vblora_logits_A"], tensors[f"{P}.vblora_logits_B"] = _c(form.logits_A), _c(form.logits_B)
+            tensors["base_model.vblora_vector_bank"] = _c(form.bank.vectors * root)
         else:  # ADALORA; padded to one rank (PEFT's ranknum is the config's init_r for every layer)
             init_r = max(l.adapters[name].form.rank for l in layers.values())
             peft_scale = spec.alpha / (init_r + 1e-5)
@@ -288,6 +310,19 @@ def _config(handle, kind, layers, rank_pattern, alpha_pattern) -> dict:
         config.update(r=2 * spec.rank, delora_lambda=2 * spec.options.get("delora_lambda", 8.0),
                       module_dropout=spec.dropout, bias="none", init_weights=True, lambda_pattern={})
         del config["alpha_pattern"]
+    if kind == "RANDLORA":
+        config.update(projection_prng_key=int(spec.seed), save_projection=True, sparse=False, very_sparse=False,
+                      randlora_dropout=spec.dropout, fan_in_fan_out=fan_in_fan_out, randlora_alpha=spec.rank,
+                      bias="none", init_weights=True)
+        del config["rank_pattern"], config["alpha_pattern"]
+    if kind == "VBLORA":
+        o = spec.options
+        config.update(num_vectors=int(o.get("vblora_num_vectors", 256)), vector_length=int(o.get(
+            "vblora_vector_length", 256)), topk=int(o.get("vblora_topk", 2)), vblora_dropout=spec.dropout,
+            init_logits_std=float(o.get("vblora_logits_std", 0.1)), init_vector_bank_bound=float(o.get(
+                "vblora_bank_bound", 0.02)), save_only_topk_weights=False, fan_in_fan_out=fan_in_fan_out,
+            bias="none")
+        del config["rank_pattern"], config["alpha_pattern"]
     if kind == "VERA":
         ranks = {l.adapters[handle.name].form.rank for l in layers.values()}
         if len(ranks) > 1:
@@ -297,6 +332,69 @@ def _config(handle, kind, layers, rank_pattern, alpha_pattern) -> dict:
                       fan_in_fan_out=fan_in_fan_out, init_weights=True)
         del config["rank_pattern"], config["alpha_pattern"]
     return config
+
+
+def randlora_common_n(ns: dict[str, int], rank: int, error=LorazooError) -> int:
+    """The one number of bases n all RandLoRA layers share, or ``error`` naming the layers that differ."""
+    if len(set(ns.values())) > 1:
+        seen = ", ".join(f"{p}: n={n}" for p, n in sorted(ns.items())[:6])
+        raise error(
+            f"RandLoRA layers with different numbers of bases n = ceil(min(in, out)/r) ({seen}, r={rank}): PEFT pairs "
+            f"column c of the shared basis B with A row c // n and γ row c % n, lorazoo with A row c % r and γ row "
+            f"c // r, so the "
+            f"shared B would need a different column order for each n; only adapters whose layers all have the same "
+            f"n map between the two (target layers with the same min(in, out), or a rank giving them the same n)")
+    return next(iter(ns.values()))
+
+
+def randlora_peft_columns(n: int, rank: int, total: int) -> torch.Tensor:
+    """For PEFT's flattened B column c (of ``total``), lorazoo's column: (c % n)·r + c // n for c < n·r, else c."""
+    c = torch.arange(total)
+    return torch.where(c < n * rank, (c % n) * rank + c // n, c)
+
+
+def randlora_peft_bank(handle, layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (randlora_A (r, 1, D_min), randlora_B (D_max, N, r)) for lorazoo's RandLoRA adapter."""
+    name, r = handle.name, handle.spec.rank
+    forms = {p: l.adapters[name].form for p, l in layers.items()}
+    ranks = sorted({f.rank for f in forms.values()})
+    if ranks != [r]:
+        raise LorazooError(f"PEFT's RandLoRA has one basis rank r for all layers (one shared basis); this adapter has "
+                           f"ranks {ranks}; save it in lorazoo's format")
+    capped = [f"{p} (n={f.n}, PEFT's {math.ceil(f.m / r)})" for p, f in forms.items() if f.n != math.ceil(f.m / r)]
+    if capped:
+        raise LorazooError(f"randlora_bound={handle.spec.options.get('randlora_bound')} caps the number of bases at "
+                           f"{', '.join(capped[:3])}; PEFT's RandLoRA has no bound; save it in lorazoo's format")
+    n = randlora_common_n({p: f.n for p, f in forms.items()}, r)
+    bank = next(iter(forms.values())).bank
+    lo = bank.A.shape[1]
+    big = math.ceil(lo / r)  # PEFT's N: enough bases for D_min (lorazoo's bank may hold fewer under a bound)
+    B = bank.B.new_zeros(bank.B.shape[0], big, r)
+    B[:, : bank.B.shape[1]] = bank.B[:, :big]
+    flat = B.reshape(B.shape[0], -1)
+    return bank.A[:, None, :], flat[:, randlora_peft_columns(n, r, flat.shape[1])].reshape(B.shape)
+
+
+def vblora_peft_root(handle, layers) -> float:
+    """√s for VB-LoRA's bank (PEFT has no scale), or a LorazooError where PEFT cannot express the adapter."""
+    name, o = handle.name, handle.spec.options
+    b = int(o.get("vblora_vector_length", 256))
+    forms = {p: l.adapters[name].form for p, l in layers.items()}
+    odd = [f"{p} ({f.in_features} -> {f.out_features})" for p, f in forms.items()
+           if f.in_features % b or f.out_features % b]
+    if odd:
+        raise LorazooError(f"VB-LoRA layer(s) {', '.join(odd[:3])} are not multiples of vblora_vector_length={b}, "
+                           f"which PEFT's VB-LoRA refuses; save it in lorazoo's format")
+    ranks = {f.rank for f in forms.values()}
+    scales = {f.scale for f in forms.values()}
+    if len(ranks) > 1:
+        raise LorazooError(f"PEFT's VB-LoRA has one rank for all layers; this adapter has ranks {sorted(ranks)}")
+    if len(scales) > 1 or min(scales) <= 0:
+        raise LorazooError(f"PEFT's VB-LoRA has no scale; lorazoo folds one positive scale into the shared bank "
+                           f"(as its square root), but this adapter's scales are {sorted(scales)} (scale "
+                           f"'{handle.spec.scale}', alpha {handle.spec.alpha}); use scale='constant', alpha=1 or save "
+                           f"it in lorazoo's format")
+    return math.sqrt(scales.pop())
 
 
 def save_peft(handle, path) -> None:
