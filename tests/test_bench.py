@@ -133,3 +133,63 @@ def test_saved_for_backward_counts_activations_not_parameters():
     lin = nn.Linear(16, 32).double()  # its backward keeps the input x and its own weight
     x = torch.randn(10, 16, dtype=torch.float64)
     assert saved_for_backward_mb(lin, lambda: lin(x).sum().backward()) * MB == 10 * 16 * 8
+
+
+def test_compile_flag_plans_compiled_rows_and_reports_them():
+    """--compile reaches the config and the plan: one compiled row per lorazoo method (none for the
+    floor), each compared with its eager row and with the compiled LoRA, and reported."""
+    from lorazoo.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--compile", "--compile-backend", "aot_eager"])
+    assert args.compile and args.compile_backend == "aot_eager"
+    assert not build_parser().parse_args(["bench"]).compile
+    methods, _ = plan(BenchConfig(), ["dora"], compile=True)
+    assert [m.key for m in methods] == ["floor", "lorazoo:lora", "lorazoo:dora", "lorazoo+compile:lora",
+                                        "lorazoo+compile:dora"]
+    assert methods[2].spec == methods[4].spec
+    rows = [{"key": "floor", "variant": "floor", "impl": "floor", "trainable": 0, "step_s": 1.0, "fwd_s": 0.5},
+            {"key": "lorazoo:lora", "variant": "lora", "impl": "lorazoo", "trainable": 10, "step_s": 2.0,
+             "fwd_s": 0.6},
+            {"key": "lorazoo:dora", "variant": "dora", "impl": "lorazoo", "trainable": 12, "step_s": 3.0,
+             "fwd_s": 0.8},
+            {"key": "lorazoo+compile:lora", "variant": "lora", "impl": "lorazoo+compile", "trainable": 10,
+             "step_s": 1.5, "fwd_s": 0.3, "compile_s": 9.0, "backend": "inductor", "graph_breaks": 0},
+            {"key": "lorazoo+compile:dora", "variant": "dora", "impl": "lorazoo+compile", "trainable": 12,
+             "step_s": 1.8, "fwd_s": 0.4, "compile_s": 11.0, "backend": "inductor", "graph_breaks": 2}]
+    add_ratios(rows)
+    assert rows[3]["step_vs_eager"] == 0.75 and rows[4]["step_vs_eager"] == pytest.approx(0.6)
+    assert rows[4]["fwd_vs_eager"] == 0.5 and rows[4]["step_vs_own_lora"] == pytest.approx(1.2)
+    assert rows[4]["step_vs_lora"] == pytest.approx(0.9) and "step_vs_eager" not in rows[2]
+    result = {"config": BenchConfig().__dict__, "rows": rows, "skipped": {},
+              "environment": {"cpus": 2, "torch": "t", "transformers": "t", "peft": None,
+                              "loadavg_before": (0.1,), "loadavg_after": (0.2,)}}
+    text = markdown(result)
+    assert "## torch.compile vs eager" in text and "| dora | 3000.0 | 1800.0 | 0.60 | 0.50 | 11.0 | 2 |" in text
+
+
+def test_compiled_runner_steps_like_eager():
+    """The compiled runner is a torch.compile module, and its first step moves the adapter as eager does."""
+    import torch
+
+    from lorazoo.study.bench_build import build_runner
+    from lorazoo.study.bench_runner import Method, make_batch
+
+    cfg = BenchConfig(hidden=32, intermediate=48, layers=1, heads=2, vocab=64, batch=2, seq=8,
+                      compile_backend="aot_eager")
+    spec = parse_spec("lora", cfg).to_dict()
+    batch = make_batch(cfg)
+    eager = build_runner(Method("lora", "lorazoo", spec), cfg, batch)
+    compiled = build_runner(Method("lora", "lorazoo+compile", spec), cfg, batch)  # took one step to compile
+    assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule)
+    note = compiled.notes[0]
+    assert note["backend"] == "aot_eager" and note["compile_s"] > 0 and note["graph_breaks"] >= 0
+    eager.step()
+
+    def adapter(r):
+        return {k: v for k, v in r.model.state_dict().items() if "lora" in k.lower() or "adapters" in k}
+    a, b = adapter(eager), adapter(compiled)
+    assert a and len(a) == len(b)
+    for (ka, va), (kb, vb) in zip(sorted(a.items()), sorted(b.items())):
+        torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-6)
+    with pytest.raises(SpecError, match="unknown implementation"):
+        build_runner(Method("lora", "nope", spec), cfg, batch)

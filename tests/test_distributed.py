@@ -109,3 +109,139 @@ def test_calibration_statistics_are_summed_over_ranks(monkeypatch):
     s = LayerStats(grad=torch.ones(2, 3), cov=torch.eye(3), rows=5)
     assert reduce_across_ranks({"fc1": s}, 3) == 6
     assert s.rows == 10 and torch.equal(s.grad, 2 * torch.ones(2, 3)) and torch.equal(s.cov, 2 * torch.eye(3))
+
+
+# --- lorazoo's own Trainer and `lorazoo train --nproc N` ------------------------------------------
+from tiny import TinyTask  # noqa: E402
+
+
+class Tiny64Task(TinyTask):
+    """TinyTask in float64, importable by name (the --nproc workers register it from the parent).
+    Each process logs the files it moves into place (os.replace: atomic writes and checkpoints)
+    into <LORAZOO_TEST_WRITES>-<pid>, to show that only one process writes the output folder."""
+
+    name = "tiny64_nproc"
+
+    def build_model(self):
+        log = os.environ.get("LORAZOO_TEST_WRITES")
+        if log and not getattr(os.replace, "_logged", False):
+            real = os.replace
+
+            def replace(src, dst, *a, **kw):
+                with open(f"{log}-{os.getpid()}", "a") as f:
+                    f.write(f"{dst}\n")
+                return real(src, dst, *a, **kw)
+            replace._logged = True
+            os.replace = replace
+        return TinyNet(dtype=torch.float64)
+
+    def train_batches(self, batch_size, epoch=0):
+        x, y = tiny_data(self.opts["n"], seed=1)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        return [{"x": x[order[i:i + batch_size]], "labels": y[order[i:i + batch_size]]}
+                for i in range(0, len(x), batch_size)]
+
+    def evaluate(self, model):
+        x, y = tiny_data(64, seed=2)
+        with torch.no_grad():
+            out = model(x=x, labels=y)
+        return {"accuracy": float((out.logits.argmax(-1) == y).double().mean()), "loss": float(out.loss)}
+
+
+@pytest.fixture
+def tiny64():
+    from lorazoo.tasks.base import TASKS
+
+    TASKS[Tiny64Task.name] = Tiny64Task
+    yield Tiny64Task.name
+    del TASKS[Tiny64Task.name]
+
+
+def _adapter(folder):
+    return lorazoo.load(TinyNet(), folder).state_dict()
+
+
+def test_trainer_in_two_processes_equals_one(tiny64, tmp_path, monkeypatch, capsys):
+    """`lorazoo train --nproc 2` (DDP, each rank half of every batch of 13: uneven shards, with
+    accumulation 2) gives one process's adapter, losses and metrics; only one process writes the
+    output folder; and a one-process run killed before step 7 resumes in two processes from its
+    step-4 checkpoint to the same end."""
+    import json
+
+    from lorazoo.cli import main
+    from lorazoo.train import Trainer
+
+    flags = ["train", "--task", tiny64, "--rank", "4", "--lr", "0.02", "--epochs", "2", "--batch-size", "13",
+             "--accumulation", "2", "--no-progress", "--checkpoint-every", "4"]
+    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert one["steps"] == 8
+
+    monkeypatch.setenv("LORAZOO_TEST_WRITES", str(tmp_path / "writes"))
+    assert main([*flags, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    monkeypatch.delenv("LORAZOO_TEST_WRITES")
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["steps"] == 8
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-12)
+    assert [m["loss"] for m in two["metrics_per_epoch"]] == pytest.approx(
+        [m["loss"] for m in one["metrics_per_epoch"]], rel=1e-12)
+    want, got = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+    listing = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert listing == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-00000008"]
+    logs = sorted(tmp_path.glob("writes-*"))  # one file per process that moved a file into place
+    assert len(logs) == 1, [p.read_text() for p in logs]
+    written = logs[0].read_text().split()
+    assert any(w.endswith("result.json") for w in written) and any("step-00000004" in w for w in written)
+
+    # killed before step 7 in one process, resumed in two from the step-4 checkpoint
+    real_step = Trainer._step
+
+    class Killed(Exception):
+        pass
+
+    def dying(self, *a):
+        if self.step == 6:
+            raise Killed()
+        return real_step(self, *a)
+    monkeypatch.setattr(Trainer, "_step", dying)
+    with pytest.raises(Killed):
+        main([*flags, "--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    assert main(["train", "--resume", str(tmp_path / "resumed"), "--nproc", "2", "--no-progress"]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert resumed["steps"] == 8 and resumed["losses"] == pytest.approx(one["losses"], rel=1e-12)
+    got = _adapter(tmp_path / "resumed")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+
+
+def test_shard_batch_splits_rows_by_rank():
+    """Contiguous slices covering every row once (uneven sizes too); a rank left without rows runs
+    one row with weight 0; values that are not per-example tensors are kept whole."""
+    from lorazoo.launch import shard_batch
+
+    x, y = tiny_data(13)
+    batch = {"x": x, "labels": y, "scale": torch.tensor(2.0), "name": "b"}
+    parts = [shard_batch(batch, 13, r, 3) for r in range(3)]
+    assert [n for _, n in parts] == [4, 4, 5]
+    assert torch.equal(torch.cat([p["x"] for p, _ in parts]), x)
+    assert torch.equal(torch.cat([p["labels"] for p, _ in parts]), y)
+    assert all(p["name"] == "b" and p["scale"].dim() == 0 for p, _ in parts)
+    small = [shard_batch({"x": x[:1], "labels": y[:1]}, 1, r, 2) for r in range(2)]
+    assert [n for _, n in small] == [0, 1] and small[0][0]["x"].shape[0] == 1
+
+
+def test_trainer_distributed_option():
+    from lorazoo.errors import LorazooError
+    from lorazoo.train import Trainer
+
+    model, spec = build("lora")
+    handle = lorazoo.adapt(model, spec)
+    assert Trainer(model, handle, lr=1e-2, distributed=False, progress=False).net is model
+    assert Trainer(model, handle, lr=1e-2, progress=False).world == 1  # no process group: one process
+    with pytest.raises(LorazooError, match="distributed must be"):
+        Trainer(model, handle, lr=1e-2, distributed=True)

@@ -21,7 +21,9 @@ def rows(path: Path):
 
 def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else CATALOGUE
-    done = set(lorazoo.variants())
+    from lorazoo.variants import catalogue
+
+    done = set(catalogue())
     print("| name | method | family | tier | status |")
     print("|---|---|---|---|---|")
     for name, method, family, _axis, _spec, tier in rows(path):

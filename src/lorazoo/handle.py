@@ -11,6 +11,7 @@ from .distributed import is_main_process, whole
 from .errors import LorazooError
 from .files import write_adapter
 from .fingerprint import short
+from .qbase import quantization_note
 from .layer import Adapter, AdaptedLayer, set_module
 from .parts import check_number
 from .saved import saved_wrappers
@@ -125,9 +126,20 @@ class AdapterHandle:
         """Make this adapter (and ``others``) the active ones; only active adapters train."""
         activate(self.model, self.name, *others)
 
-    def merge(self) -> None:
-        """Fold this adapter into the base weights (raises for forms that cannot be merged)."""
+    def merge(self, dequantize: bool = False) -> None:
+        """Fold this adapter into the base weights (raises for forms that cannot be merged).
+
+        On quantized base layers (QLoRA) a merge is refused, since re-quantizing W + ΔW would round most
+        of the update away; ``dequantize=True`` first replaces each quantized base layer by a
+        full-precision nn.Linear holding its dequantized weight, then merges into that (lossless from
+        there on: unmerge gives the dequantized weight back, not the quantized layer)."""
         layers = self.layers()
+        if dequantize:
+            for p, layer in layers.items():
+                if not layer.adapters[self.name].form.mergeable:
+                    layer.merge(self.name)  # raises NotMergeableError before any layer is dequantized
+            for layer in layers.values():
+                layer.dequantize_base()
         for p, layer in layers.items():
             if not layer.adapters[self.name].form.mergeable:
                 layer.merge(self.name)  # raises NotMergeableError with the reason, nothing merged yet
@@ -197,7 +209,8 @@ class AdapterHandle:
             return
         write_adapter(path, tensors, {
             "name": self.name, "spec": self.spec.to_dict(), "targets": sorted(self.ranks), "ranks": self.ranks,
-            "base_fingerprint": short(self.fingerprint), "fingerprint": self.fingerprint})
+            "base_fingerprint": short(self.fingerprint), "fingerprint": self.fingerprint,
+            **quantization_note(self.layers())})
 
     def delete(self) -> None:
         """Remove this adapter; the base weights are restored (merges and shifts undone) and its

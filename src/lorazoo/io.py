@@ -1,11 +1,13 @@
 """Load a saved adapter onto a model: every check first, then attach (``handle.save`` writes)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import qbase
 from .adapt import adapt
 from .errors import LoadError, LorazooError, SpecError
 from .files import read_config, read_tensors
@@ -38,12 +40,26 @@ def load(model: nn.Module, path, name: str | None = None) -> AdapterHandle:
         raise LoadError(f"the model has no layer(s) {', '.join(missing[:5])} that this adapter was made for; "
                         f"load it onto the base model it was trained on")
     saved_fp = config.get("fingerprint", {})
-    bad = mismatches(saved_fp, fingerprint(base_weights({p: layers[p] for p in saved_fp if p in layers})))
+    current_fp = fingerprint(base_weights({p: layers[p] for p in saved_fp if p in layers}))
+    # a quantized base on either side (QLoRA): compare within the quantization's error (lorazoo.qbase)
+    quant = qbase.coarsest([config.get("base_quantization"),
+                            qbase.layers_kind({p: layers[p] for p in saved_fp if p in layers})])
+    q = qbase.RELATIVE_ERROR.get(quant, 0.2) if quant else 0.0
+    bad = mismatches(saved_fp, current_fp, quant_error=q)
     if bad:
         raise LoadError(
             f"this adapter was made for a different base model (fingerprint {config.get('base_fingerprint')}); "
             f"weights differ at {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+            + (f" (even allowing for {quant} quantization: norms within {q:.0%}, sums within 4x the quantization "
+               f"noise)" if quant else "")
         )
+    if quant and mismatches(saved_fp, current_fp):
+        warnings.warn(
+            f"the adapter was saved on a {'quantized' if config.get('base_quantization') else 'full-precision'} "
+            f"base and is loaded on a {'quantized' if qbase.layers_kind(layers) else 'full-precision'} one: the "
+            f"base fingerprint was compared within {quant} quantization error (norms within {q:.0%}), which "
+            f"still refuses another model but not a lightly fine-tuned one; outputs differ by the quantization "
+            f"error", stacklevel=2)
     targets = sorted(config["ranks"])
     spec_t = AdapterSpec.from_dict({**config["spec"], "targets": targets})
     flags = {p: p.requires_grad for p in model.parameters()}

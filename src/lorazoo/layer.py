@@ -7,6 +7,7 @@ from torch import nn
 
 from .errors import LorazooError, NotMergeableError, TargetError
 from .parts import Form
+from .qbase import dequantize, is_quantized, requantize
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -54,6 +55,9 @@ class Adapter(nn.Module):
         if self.tied_with:  # the weight is shared (tied embeddings): the shift would change those too
             raise TargetError(_tied_message("shift the base weight of", self.tied_with))
         weight.add_(B.to(weight) @ A.to(weight))
+        store = getattr(weight, "_lorazoo_store", None)  # a dequantized copy of a quantized base (lorazoo.qbase)
+        if store is not None:
+            store(weight)
         self.shift_B = torch.cat([self.shift_B, B.to(self.shift_B)], dim=1)
         self.shift_A = torch.cat([self.shift_A, A.to(self.shift_A)], dim=0)
 
@@ -79,6 +83,17 @@ class AdaptedLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled: set[str] = set()
+        self._quant = (None, None, False)
+        self.quantized()
+
+    def quantized(self) -> bool:
+        """Whether the base is quantized (lorazoo.qbase), decided once per base module and weight
+        object, so the forward only compares identities (torch.compile traces it without a break)."""
+        base = self.base
+        weight = getattr(base, "weight", None)
+        if self._quant[0] is not base or self._quant[1] is not weight:
+            self._quant = (base, weight, is_quantized(base))
+        return self._quant[2]
 
     # the base layer's geometry, seen as a (out, in) linear map
     @property
@@ -98,9 +113,36 @@ class AdaptedLayer(nn.Module):
         return self.base.nf if is_conv1d(self.base) else self.base.out_features
 
     def linear_weight(self) -> torch.Tensor:
-        """The frozen weight as (out, in); a view, so writes go to the base."""
+        """The frozen weight as (out, in); a view, so writes go to the base.
+
+        On a quantized base (lorazoo.qbase) it is a new dense tensor, dequantized for this call only;
+        ``store_weight`` (which ``Adapter.shift_base`` calls by itself) writes changes back."""
+        if self.quantized():
+            w = dequantize(self.base)
+            w._lorazoo_store = self.store_weight
+            return w
         w = self.base.weight
         return w.t() if is_conv1d(self.base) else w
+
+    @torch.no_grad()
+    def store_weight(self, weight: torch.Tensor) -> None:
+        """Write a changed ``linear_weight()`` back: re-quantize a quantized base; a no-op otherwise
+        (the weight was a view of the base)."""
+        if self.quantized():
+            requantize(self.base, weight)
+
+    @torch.no_grad()
+    def dequantize_base(self) -> None:
+        """Replace a quantized base by an nn.Linear holding its dequantized weight (and its bias)."""
+        if not is_quantized(self.base):
+            return
+        w = dequantize(self.base)
+        old = self.base
+        self.base = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+        self.base.weight.data.copy_(w)
+        if old.bias is not None:
+            self.base.bias.data.copy_(old.bias.to(w))
+        self.base.requires_grad_(False)
 
     def running(self) -> tuple[list[str], list[str]]:
         """(adapters that run in the forward, in order; adapters whose base shift must be undone).
@@ -119,6 +161,9 @@ class AdaptedLayer(nn.Module):
         running, shifted = self.running()
         if not running and not shifted:
             return self.base(x, *args, **kwargs)
+        quantized = self.quantized()
+        if quantized:  # the library's own forward; the weight is dequantized only for forms that read it
+            return self._quantized_forward(x, running, shifted, *args, **kwargs)
         weight = self.linear_weight()
         bias = self.base.bias
         # Additive forms only add to y, so the bias can go in with the base matmul (one fused op);
@@ -132,10 +177,38 @@ class AdaptedLayer(nn.Module):
             y = y + self.adapters[n].unshift(x)
         return y + bias if late_bias else y
 
+    def _quantized_forward(self, x, running, shifted, *args, **kwargs):
+        """forward on a quantized base: y = base(x) (the library's kernel, bias inside), then the
+        adapters. Plain LoRA gets no weight; any other form gets the weight dequantized for this call,
+        and autograd keeps a reference to the layer instead of that dense copy (it dequantizes again
+        in backward), so training never holds a dense weight per layer."""
+        bias = self.base.bias
+        late_bias = bias is not None and any(
+            self.adapters[n].form.reads_output or self.adapters[n].form.multiplicative for n in running)
+        y = self.base(x, *args, **kwargs)
+        if late_bias:
+            y = y - bias.to(y.dtype)
+        weight = None
+        if any(not self.adapters[n].form.plain_lora for n in running):
+            weight = self.linear_weight()
+        x = x.to(y.dtype)
+        with _redequantize_in_backward(self, weight):
+            for n in running:
+                y = self.adapters[n](x, y, weight)
+        for n in shifted:
+            y = y + self.adapters[n].unshift(x)
+        return y + bias.to(y.dtype) if late_bias else y
+
     # --- merge / unmerge: exact up to rounding, last merged first unmerged -----------------
     @torch.no_grad()
     def merge(self, name: str) -> None:
         form = self.adapters[name].form
+        if self.quantized() and name not in self.merged:
+            raise NotMergeableError(
+                "the base layer is quantized: merging would re-quantize W + ΔW, and the update (much smaller "
+                "than a quantization step) would be mostly rounded away, so the merged model would not "
+                "compute what the adapter does; keep it unmerged, or merge(dequantize=True) to get "
+                "full-precision layers with the update folded in")
         if not form.mergeable:
             raise NotMergeableError(
                 f"form '{form.part_name}' cannot be merged into the base weight (its update depends "
@@ -168,7 +241,9 @@ class AdaptedLayer(nn.Module):
         self.unmerge(name)
         ad = self.adapters[name]
         if ad.shift_A.shape[0]:
-            self.linear_weight().sub_(ad.shift_B @ ad.shift_A)
+            w = self.linear_weight()
+            w.sub_(ad.shift_B.to(w) @ ad.shift_A.to(w))
+            self.store_weight(w)
         del self.adapters[name]
         self.active = [n for n in self.active if n != name]
         self.disabled.discard(name)
@@ -178,6 +253,32 @@ def _tied_message(what: str, others: tuple[str, ...]) -> str:
     return (f"cannot {what} a layer whose weight is shared with {', '.join(map(repr, others[:3]))} (tied "
             f"embeddings): it would change those modules too; keep the adapter unmerged and use an init "
             f"that does not shift the base (see lorazoo.embedding)")
+
+
+class _redequantize_in_backward(torch.autograd.graph.saved_tensors_hooks):
+    """While active, a tensor autograd saves that is (a view of) ``weight``, the dequantized copy of
+    ``layer``'s quantized base, is saved as a reference to the layer and dequantized again when
+    backward needs it, so the dense copy is freed after the forward (as QLoRA's own kernels do)."""
+
+    def __init__(self, layer: "AdaptedLayer", weight: torch.Tensor | None):
+        ptr = None if weight is None else weight.untyped_storage().data_ptr()
+
+        def pack(t):
+            if ptr is not None and t.untyped_storage().data_ptr() == ptr and not t.requires_grad:
+                return (_Dequantized, layer, t.size(), t.stride(), t.storage_offset())
+            return t
+
+        def unpack(p):
+            if isinstance(p, tuple) and p and p[0] is _Dequantized:
+                _, lay, size, stride, offset = p
+                return dequantize(lay.base).as_strided(size, stride, offset)
+            return p
+
+        super().__init__(pack, unpack)
+
+
+class _Dequantized:  # marker in _redequantize_in_backward's packed tuples
+    pass
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -199,6 +300,8 @@ def base_weights(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
                 if ad.shift_A.shape[0]:
                     w = w - ad.shift_B @ ad.shift_A
             out[p] = w
+        elif is_quantized(m):
+            out[p] = dequantize(m)
         else:
             out[p] = m.weight if isinstance(m, nn.Linear) else (
                 m.weight.reshape(m.weight.shape[0], -1) if isinstance(m, nn.Conv2d) else m.weight.t())

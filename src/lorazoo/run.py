@@ -12,6 +12,7 @@ import torch
 
 from .adapt import adapt
 from .checkpoint import latest_checkpoint, read_checkpoint
+from .distributed import is_main_process
 from .errors import LorazooError
 from .files import _atomic
 from .parts import check_number
@@ -31,7 +32,8 @@ TRAINER_OPTIONS = {"lr_schedule": "linear", "warmup": 0.1, "accumulation": 1, "w
 
 def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_size: int = 16,
         limit: int | None = None, seed: int = 0, out_dir: str | None = None, progress: bool = True,
-        checkpoint_every: int | None = None, resume: bool = False, **task_options) -> dict:
+        checkpoint_every: int | None = None, resume: bool = False, quantize: str | None = None,
+        **task_options) -> dict:
     """Build the task's model, adapt it with ``spec``, train, evaluate before and after.
 
     ``task_options`` go to the task (``max_length=64``, ``test_size=1000``...), except the
@@ -47,6 +49,8 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
     ``out_dir/run.json``; ``resume=True`` with the same arguments continues a killed run from its
     newest checkpoint (from the start if it has none) and ends as the uninterrupted run would; a
     finished run's ``result.json`` is returned as it is.
+    ``quantize`` ("nf4", "fp4", "int8", "torchao-nf4"; see :mod:`lorazoo.quantize`) quantizes the task's
+    model before adapting it (QLoRA).
     Returns a JSON-serializable dict (see the keys below).
     """
     if not isinstance(spec, AdapterSpec):
@@ -56,6 +60,11 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
         raise LorazooError("checkpoint_every and resume need out_dir, the folder the run is saved in")
     arguments = {"task": task, "spec": spec.to_dict(), "lr": lr, "epochs": epochs, "batch_size": batch_size,
                  "limit": limit, "seed": seed, "checkpoint_every": checkpoint_every, **task_options}
+    if quantize is not None:  # only when set, so earlier runs' run.json still match on resume
+        from .quantize import parse_choice
+
+        parse_choice(quantize)
+        arguments["quantize"] = quantize
     trainer_opts = {k: task_options.pop(k, v) for k, v in TRAINER_OPTIONS.items()}
     t = get_task(task, limit=limit, seed=seed, options=task_options)
     spec = with_task_defaults(spec, t)
@@ -71,12 +80,16 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
         if (Path(out_dir) / RESULT_FILE).is_file() and stored is not None:
             return json.loads((Path(out_dir) / RESULT_FILE).read_text())  # it finished
         latest = latest_checkpoint(checkpoints)
-    if checkpoint_every is not None and latest is None:
+    if checkpoint_every is not None and latest is None and is_main_process():  # rank 0 writes
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         _atomic(Path(out_dir) / RUN_FILE, lambda f: Path(f).write_text(json.dumps(arguments, indent=1)))
 
     torch.manual_seed(seed)  # the fresh head's init
     model = t.build_model()
+    if quantize is not None:
+        from .quantize import parse_choice, quantize as quantize_model
+
+        quantize_model(model, *parse_choice(quantize))
     calibration = None
     if spec.part_classes()["init"].needs_calibration:
         calibration = t.calibration_batches(batch_size=batch_size)
@@ -155,8 +168,12 @@ def save_run(handle, task_config: dict, result: dict, out_dir) -> None:
     """Save the adapter, ``task.json`` and ``result.json`` into ``out_dir``."""
     out = Path(out_dir)
     handle.save(out)
-    _atomic(out / TASK_FILE, lambda f: Path(f).write_text(json.dumps(task_config, indent=1)))
-    _atomic(out / RESULT_FILE, lambda f: Path(f).write_text(json.dumps(result, indent=1)))
+    if is_main_process():  # under torch.distributed rank 0 writes the folder, the others wait for it
+        _atomic(out / TASK_FILE, lambda f: Path(f).write_text(json.dumps(task_config, indent=1)))
+        _atomic(out / RESULT_FILE, lambda f: Path(f).write_text(json.dumps(result, indent=1)))
+    from .launch import barrier
+
+    barrier()
 
 
 def read_task_config(path) -> dict:

@@ -25,6 +25,11 @@ A non-finite loss or gradient norm stops training with a :class:`NonFiniteError`
 adapted layer (in forward order) whose output went non-finite, found by re-running the step's
 micro-batches with hooks (only then, so it costs nothing while training is healthy); no
 checkpoint is written from that state, so the last good one is kept.
+
+Under torch.distributed (a process group initialized before the trainer is built; ``lorazoo train
+--nproc N``) the trainer wraps the model in DistributedDataParallel, gives each rank its slice of
+every global batch, evaluates on rank 0 and shares the metrics, and writes checkpoints from rank 0;
+the run equals one process's on the same batches (see :mod:`lorazoo.launch`).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import launch
 from .errors import LoadError, LorazooError
 from .handle import AdapterHandle
 from .parts import check_number
@@ -114,13 +120,17 @@ class Trainer:
     ``checkpoint_dir`` and ``checkpoint_every`` (steps) turn checkpoints on (see the module
     docstring); ``keep_checkpoints`` is how many of the newest stay on disk; ``extra`` (a JSON
     dict) is stored in each checkpoint for the caller.
+    ``distributed``: None (default) runs DDP and shards every batch by rank when a torch.distributed
+    group of several processes is initialized (see the module docstring); False ignores the group
+    (the caller wraps the model and gives each rank its own batches).
     """
 
     def __init__(self, model: nn.Module, handle: AdapterHandle, *, lr: float, epochs: float = 1,
                  accumulation: int = 1, lr_schedule: str = "linear", warmup: float = 0.1,
                  weight_decay: float = 0.0, max_grad_norm: float | None = 1.0, progress: bool = True,
                  evaluate: Callable[[nn.Module], dict] | None = None, checkpoint_dir=None,
-                 checkpoint_every: int | None = None, keep_checkpoints: int = 1, extra: dict | None = None):
+                 checkpoint_every: int | None = None, keep_checkpoints: int = 1, extra: dict | None = None,
+                 distributed: bool | None = None):
         check_trainer_options(lr=lr, epochs=epochs, accumulation=accumulation, lr_schedule=lr_schedule,
                               warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                               checkpoint_every=checkpoint_every)
@@ -137,6 +147,12 @@ class Trainer:
         self.last_checkpoint: Path | None = None  # the newest good checkpoint written or resumed from
         self.resumed_from: Path | None = None
         self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed from
+        if distributed not in (None, False):
+            raise LorazooError(f"distributed must be None (automatic) or False, got {distributed!r}")
+        self.world = launch.world_size() if distributed is None else 1
+        self.net = launch.wrap_ddp(model) if self.world > 1 else model  # what the steps run
+        if self.world > 1:  # evaluation and the non-finite replay use the model inside DDP
+            self.model = self.net.module
         self.optimizer = torch.optim.AdamW(handle.param_groups(self.lr, self.weight_decay))
         for g in self.optimizer.param_groups:
             g["base_lr"] = g["lr"]
@@ -184,7 +200,7 @@ class Trainer:
         if folder is not None:
             position, rng = self._restore(folder, plan, total, len(first))
         self._saved_step = self.step if folder is not None else None
-        bar = _progress_bar(total, self.progress)
+        bar = _progress_bar(total, self.progress and self._main())
         bar.update(self.step if folder is not None else 0)
         try:
             for i, (epoch, n) in enumerate(plan):
@@ -212,7 +228,7 @@ class Trainer:
                 if self.evaluate is not None:
                     metrics = self._evaluate()
                     self.metrics_per_epoch.append({"epoch": round(epoch + n / len(first), 4), **metrics})
-                    if self.progress:
+                    if self.progress and self._main():
                         bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()),
                                   file=sys.stderr)
                 self._maybe_checkpoint((i + 1, 0), total, len(first))
@@ -227,23 +243,30 @@ class Trainer:
                 "train_seconds": self.train_seconds, "steps": self.step}
 
     def _step(self, group: list[dict], total: int, warm: int) -> float:
-        model, handle, opt = self.model, self.handle, self.optimizer
+        handle, opt = self.handle, self.optimizer
         step = self.step + 1
         factor = schedule_factor(step, total, warm, self.lr_schedule) * handle.lr_factor(step)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
-        model.train()
+        self.net.train()
         rng_before = ckpt.torch_rng_state()  # to replay the step if it goes non-finite
         sizes = [batch_size_of(b) for b in group]
         n_total = sum(sizes)
+        if self.world > 1:  # this rank's rows of each global batch
+            group, sizes = map(list, zip(*(launch.shard_batch(b, n) for b, n in zip(group, sizes))))
         step_loss = 0.0
-        for batch, size in zip(group, sizes):
-            loss = model(**batch).loss
-            if loss is None:
-                raise LorazooError("the model returned no loss; training batches must carry labels")
-            weight = size / n_total
-            ((loss + handle.aux_loss()) * weight).backward()
+        for j, (batch, size) in enumerate(zip(group, sizes)):
+            last = j == len(group) - 1
+            with self.net.no_sync() if self.world > 1 and not last else _nothing():
+                loss = self.net(**batch).loss
+                if loss is None:
+                    raise LorazooError("the model returned no loss; training batches must carry labels")
+                weight = size / n_total
+                # DDP averages the ranks' gradients: world * weight makes it their weighted sum
+                ((loss + handle.aux_loss()) * (weight * self.world)).backward()
             step_loss += loss.item() * weight
+        if self.world > 1:  # the global batch's loss: the ranks' weighted shares summed
+            step_loss = launch.all_reduce_sum(step_loss)
         params = handle.trainable_parameters()
         if self.max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
@@ -260,14 +283,21 @@ class Trainer:
         self.lrs.append(opt.param_groups[0]["lr"])
         return step_loss
 
+    def _main(self) -> bool:
+        """Whether this process evaluates, writes and prints: rank 0 of the trainer's DDP group."""
+        return self.world == 1 or launch.is_main_process()
+
     def _evaluate(self) -> dict:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return dict(self.evaluate(self.model))
-        finally:
-            self.model.train(was_training)
+        metrics = None
+        if self._main():  # under torch.distributed: rank 0 evaluates, every rank gets it
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = dict(self.evaluate(self.model))
+            finally:
+                self.model.train(was_training)
+        return launch.broadcast_object(metrics) if self.world > 1 else metrics
 
     # --- checkpoints --------------------------------------------------------------------------
     def _options(self) -> dict:
@@ -300,8 +330,13 @@ class Trainer:
                  "losses": self.losses, "lrs": self.lrs, "metrics_per_epoch": self.metrics_per_epoch,
                  "train_seconds": self.train_seconds, "optimizer": opt_j, "schedule": sch_j, "optim": optim_j,
                  "rng": rng_j, "extra": self.extra}
-        self.last_checkpoint = ckpt.write_checkpoint(self.checkpoint_dir, self.step, self.handle, tensors, state,
-                                                     keep=self.keep_checkpoints)
+        written = None
+        if self._main():  # under torch.distributed rank 0 writes, the others wait for it
+            written = ckpt.write_checkpoint(self.checkpoint_dir, self.step, self.handle, tensors, state,
+                                            keep=self.keep_checkpoints)
+        if self.world > 1:
+            written = Path(launch.broadcast_object(str(written) if written is not None else None))
+        self.last_checkpoint = written
         self._saved_step = self.step
         return self.last_checkpoint
 
@@ -456,6 +491,12 @@ def locate_non_finite(model: nn.Module, handle: AdapterHandle, group, sizes, rng
                       f"follow, the head, or the loss itself){note}")
     return None, ("the non-finite value did not come back when the step was replayed"
                   + (f" (the replay failed: {failed})" if failed else ""))
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _fmt(v) -> str:

@@ -26,6 +26,11 @@ def register(sub) -> None:
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names")
     p.add_argument("--paper-ranks", action="store_true",
                    help="also run each preset that has its paper's own rank (vera 256, randlora 32, ...) at it")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each lorazoo method under torch.compile (rows 'lorazoo+compile', compiled "
+                        "before timing) and report compiled / eager")
+    p.add_argument("--compile-backend", default=d.compile_backend,
+                   help=f"torch.compile backend of --compile (default {d.compile_backend}; aot_eager skips codegen)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--mem-jobs", type=int, default=2,
                    help="memory subprocesses at once (peak RSS is per process; default 2)")
@@ -44,7 +49,8 @@ def run(args) -> int:
     fields = ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank", "alpha",
               "threads", "rounds", "warmup", "mem_steps", "seed")
     cfg = BenchConfig(**{f: getattr(args, f) for f in fields},
-                      targets=[t.strip() for t in args.targets.split(",") if t.strip()])
+                      targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+                      compile_backend=args.compile_backend)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
 
     def log(msg: str) -> None:
@@ -58,7 +64,7 @@ def run(args) -> int:
         return 0
 
     result = run_bench(cfg, variants, against=args.against, memory=not args.no_memory,
-                       mem_jobs=args.mem_jobs, paper_ranks=args.paper_ranks, log=log)
+                       mem_jobs=args.mem_jobs, paper_ranks=args.paper_ranks, compile=args.compile, log=log)
     paths = write(result, args.out)
     if "png" not in paths:
         log("bench.png not written: the chart needs matplotlib (pip install 'lorazoo[study]')")

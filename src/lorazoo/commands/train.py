@@ -36,7 +36,7 @@ OWN_DATA_FLAGS = ("model", "data", "eval_data", "eval_split", "task_type", "text
                   "prompt_column", "response_column")
 TASK_FLAGS = OWN_DATA_FLAGS + ("max_length",)   # flags that become task options
 NOT_IN_CONFIG = ("config", "resume")             # flags a config file cannot hold
-DISPLAY_FLAGS = ("no_progress", "json")          # not written into OUT/config.yaml
+DISPLAY_FLAGS = ("no_progress", "json", "nproc")  # not written into OUT/config.yaml
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "training.png"
@@ -101,11 +101,17 @@ def register(sub) -> None:
                    help="a part option, e.g. loraplus_ratio=16 (repeatable)")
     p.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
                    help="a task option, e.g. max_length=64 or test_size=1000 (repeatable)")
+    p.add_argument("--quantize", default=None, choices=("nf4", "fp4", "int8", "torchao-nf4"),
+                   help="QLoRA: quantize the model's linear layers (bitsandbytes nf4/fp4/int8, or torchao nf4; "
+                        "pip install 'lorazoo[quant]') before adapting (default: full precision)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="write a training checkpoint every N steps into OUT/checkpoints (default: none)")
     p.add_argument("--resume", default=None, metavar="OUT",
                    help="continue the run saved in OUT (started with --checkpoint-every) from its newest "
                         "checkpoint, with the settings it was started with; takes no other run flags")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N local processes (torch.distributed, gloo, CPU: DDP, each its share of every "
+                        "batch; the same result as one process); rank 0 writes OUT (default: 1)")
     p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     p.add_argument("--json", action="store_true", default=None, help="print the full result as JSON at the end")
     p.set_defaults(func=main, _parser=p)
@@ -384,7 +390,7 @@ def write_plot(path: Path, result: dict) -> bool:
 
 # --- the command --------------------------------------------------------------------------------
 # flags --resume may be given with: they do not change the run
-RESUME_FLAGS = {"resume", "no_progress", "json", "func", "_parser", "command"}
+RESUME_FLAGS = {"resume", "no_progress", "json", "func", "_parser", "command", "nproc"}
 
 
 def resume_main(args) -> int:
@@ -407,10 +413,23 @@ def resume_main(args) -> int:
     task, spec = kwargs.pop("task"), AdapterSpec.from_dict(kwargs.pop("spec"))
     print(f"lorazoo train: resuming {args.resume} ({spec.form}/{spec.init}/{spec.scale}/{spec.optim}/"
           f"{spec.schedule} r={spec.rank} on {task})", file=sys.stderr)
-    result = run(task, spec, out_dir=args.resume, progress=not args.no_progress, resume=True, **kwargs)
+    result = _runner(args, run)(task, spec, out_dir=args.resume, progress=not args.no_progress, resume=True,
+                                **kwargs)
     write_metrics(args.resume, result)
     _report(result, args.resume, args.json)
     return 0
+
+
+def _runner(args, run):
+    """``run``, or ``run`` in ``--nproc`` processes (lorazoo.launch.spawn_run)."""
+    nproc = getattr(args, "nproc", None)
+    if nproc is None or nproc == 1:
+        return run
+    import functools
+
+    from ..launch import spawn_run
+
+    return functools.partial(spawn_run, nproc)
 
 
 def _report(result: dict, out, as_json: bool) -> None:
@@ -456,9 +475,10 @@ def main(args) -> int:
     print(f"lorazoo train: {args.variant} ({spec.form}/{spec.init}/{spec.scale}/{spec.optim}/{spec.schedule}) "
           f"r={spec.rank} alpha={spec.alpha} on {what}, limit={args.limit or 'all'}, epochs={args.epochs}, "
           f"lr={args.lr}", file=sys.stderr)
-    result = run(args.task, spec, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+    result = _runner(args, run)(args.task, spec, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                  limit=args.limit or None, seed=args.seed, out_dir=out, progress=not args.no_progress,
-                 checkpoint_every=args.checkpoint_every, **trainer_opts, **opts)
+                 checkpoint_every=args.checkpoint_every, **trainer_opts, **opts,
+                 **({"quantize": args.quantize} if args.quantize is not None else {}))
     write_metrics(out, result)
     _report(result, out, args.json)
     return 0

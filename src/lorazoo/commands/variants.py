@@ -12,12 +12,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..variants import describe, variants
+    from ..variants import catalogue, describe
 
     if args.name:
         print(json.dumps(describe(args.name), indent=1))
         return 0
-    rows = [describe(n) for n in variants()]
+    rows = [describe(n) for n in catalogue()]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

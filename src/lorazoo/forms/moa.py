@@ -91,6 +91,11 @@ class MoA(ExpertMixture):
             gates = gates.unsqueeze(-2)  # one gate vector per sequence, for all its tokens
         return y + F.linear(gate_experts(self.rank_masked(h, mask), gates) * self.scale, self.B)
 
+    @property
+    def requires_labels(self) -> bool:
+        """A training forward needs this batch's domain labels (``moa_require_domains``)."""
+        return self.require_domains
+
     def _labels(self, n: int, device) -> torch.Tensor | None:
         labels = checked_labels(self, n, device)
         if labels is None:

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import SpecError
 from ..layer import AdaptedLayer, is_conv1d
 from ..parts import Init
+from ..qbase import is_quantized
 
 NEEDS = ("grad", "cov")
 
@@ -45,6 +46,8 @@ class LayerStats:
 
 def shape_of(module: nn.Module) -> tuple[int, int]:
     """(in, out) of a linear-like layer (HF Conv1D stores its weight as (in, out))."""
+    if is_quantized(module):  # its weight is stored packed (lorazoo.qbase)
+        return module.in_features, module.out_features
     w = module.weight
     return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
 

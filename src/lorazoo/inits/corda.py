@@ -59,6 +59,7 @@ import torch
 from ..errors import SpecError
 from ..layer import is_conv1d
 from ..parts import check_number
+from ..qbase import dequantize, is_quantized
 from ..registry import INITS
 from .calibration import CalibratedInit, work_dtype
 from .svd import set_factors, top_svd
@@ -111,7 +112,7 @@ class CorDA(CalibratedInit):
         self.parts = {}
         for path, module in targets.items():
             stats = self.stats.pop(path)
-            W = module.weight.detach()
+            W = dequantize(module) if is_quantized(module) else module.weight.detach()  # lorazoo.qbase
             W = (W.t() if is_conv1d(module) else W).to(work_dtype(W.dtype))
             C = stats.cov.to(W.dtype) / stats.rows
             stats.cov = None

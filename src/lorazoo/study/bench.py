@@ -14,6 +14,8 @@ For a list of specs (preset names, or presets with parts and options changed: ``
 and the same for the *floor*: the frozen base with gradients flowing to its inputs only, which no
 adapter can beat. Ratios are taken to lorazoo's LoRA, to the floor, and (for PEFT rows) to PEFT's
 own LoRA. ``against=("peft",)`` adds PEFT's implementation of every method PEFT has.
+``compile=True`` adds each lorazoo method under ``torch.compile`` (impl "lorazoo+compile", its own
+LoRA being the compiled LoRA) and its ratio to the eager row (``step_vs_eager``).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 
 from ..errors import LorazooError, SpecError
 from .bench_build import build_runner
-from .bench_runner import FLOOR, BenchConfig, Method, Runner, make_batch, timed
+from .bench_runner import COMPILED, FLOOR, BenchConfig, Method, Runner, make_batch, timed
 
 REFERENCE = "lora"
 
@@ -94,7 +96,8 @@ def at_paper_ranks(variants: Iterable[str], rank: int) -> list[str]:
 
 
 def plan(cfg: BenchConfig, variants: Iterable[str] | None = None,
-         against: Iterable[str] = (), paper_ranks: bool = False) -> tuple[list[Method], dict[str, str]]:
+         against: Iterable[str] = (), paper_ranks: bool = False,
+         compile: bool = False) -> tuple[list[Method], dict[str, str]]:
     """The floor, lorazoo's methods (LoRA first, always there) and PEFT's; and what was skipped.
     With ``paper_ranks``, presets with a paper rank of their own run at it too (:func:`at_paper_ranks`)."""
     skipped: dict[str, str] = {}
@@ -105,6 +108,8 @@ def plan(cfg: BenchConfig, variants: Iterable[str] | None = None,
     labels = list(dict.fromkeys([REFERENCE, *variants]))
     ours = [Method(label, "lorazoo", parse_spec(label, cfg).to_dict()) for label in labels]
     methods = [FLOOR, *ours]
+    if compile:
+        methods += [Method(m.label, COMPILED, m.spec) for m in ours]
     for impl in against:
         if impl != "peft":
             raise SpecError(f"--against knows only 'peft', got {impl!r}")
@@ -195,6 +200,10 @@ def add_ratios(rows: list[dict]) -> None:
             r[f"{stem}_vs_floor"] = _ratio(r.get(q), floor.get(q))
             r[f"{stem}_vs_own_lora"] = _ratio(r.get(q), own.get(q))
         r["trainable_vs_lora"] = _ratio(r["trainable"], lora["trainable"])
+        if r["impl"] == COMPILED:  # compiled against the same method eager
+            eager = by_key.get(f"lorazoo:{r['variant']}", {})
+            for q, stem in (("step_s", "step"), ("fwd_s", "fwd"), ("overhead_mb", "mem")):
+                r[f"{stem}_vs_eager"] = _ratio(r.get(q), eager.get(q))
         r["fwd_vs_base"] = _ratio(r.get("fwd_s"), floor.get("fwd_s"))
         r["merged_fwd_vs_base"] = _ratio(r.get("fwd_merged_s"), floor.get("fwd_s"))
 
@@ -231,10 +240,10 @@ def _time_all(methods: list[Method], cfg: BenchConfig, log: Callable[[str], None
 
 # --- the whole run ----------------------------------------------------------------------------
 def run_bench(cfg: BenchConfig, variants: Iterable[str] | None = None, against: Iterable[str] = (),
-              memory: bool = True, mem_jobs: int = 1, paper_ranks: bool = False,
+              memory: bool = True, mem_jobs: int = 1, paper_ranks: bool = False, compile: bool = False,
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Plan, measure memory (subprocesses), then time all methods in this process; return the result."""
-    methods, skipped = plan(cfg, variants, against, paper_ranks)
+    methods, skipped = plan(cfg, variants, against, paper_ranks, compile)
     for name, why in skipped.items():
         log(f"skipped {name}: {why}")
     load_before = os.getloadavg()
@@ -257,6 +266,9 @@ def run_bench(cfg: BenchConfig, variants: Iterable[str] | None = None, against: 
             row[f"{name}_s"], row[f"{name}_spread"] = med, spread
             row[f"{name}_samples"] = src[key].get(name)
         row.update(mem.get(key, {}))
+        for note in r.notes:  # the compiled rows' compile time
+            if isinstance(note, dict):
+                row.update(note)
         rows.append(row)
     add_ratios(rows)
     env = environment(cfg)

@@ -5,7 +5,7 @@ from torch import nn
 
 from ..errors import SpecError
 from .bench_peft import peft_runner
-from .bench_runner import IMPLS, BenchConfig, Method, Runner, build_base, floor_runner, lorazoo_runner
+from .bench_runner import COMPILED, IMPLS, BenchConfig, Method, Runner, build_base, floor_runner, lorazoo_runner
 
 
 def build_runner(method: Method, cfg: BenchConfig, batch: dict, model: nn.Module | None = None) -> Runner:
@@ -15,6 +15,6 @@ def build_runner(method: Method, cfg: BenchConfig, batch: dict, model: nn.Module
     model = build_base(cfg) if model is None else model
     if method.impl == "floor":
         return floor_runner(method, model, batch)
-    if method.impl == "lorazoo":
-        return lorazoo_runner(method, cfg, model, batch)
+    if method.impl in ("lorazoo", COMPILED):
+        return lorazoo_runner(method, cfg, model, batch, compile=method.impl == COMPILED)
     return peft_runner(method, cfg, model, batch)

@@ -81,6 +81,17 @@ def markdown(result: dict) -> str:
                 cells.append(_fmt(a / b if a is not None and b else None, "{:.2f}"))
             body.append(cells)
         lines += _table(header, body)
+    compiled = [r for r in result["rows"] if r.get("step_vs_eager") is not None]
+    if compiled:
+        lines += ["", "## torch.compile vs eager", "",
+                  f"Each method compiled (backend {compiled[0].get('backend', '?')}; compiled before timing, "
+                  f"compile time and graph breaks given; 0 breaks: each forward is one graph) against the same "
+                  f"method eager.", ""]
+        lines += _table(["method", "step ms eager", "step ms compiled", "step compiled / eager",
+                         "fwd compiled / eager", "compile s", "graph breaks"],
+                        [[r["variant"], _fmt(r["step_s"] / r["step_vs_eager"], "ms"), _fmt(r["step_s"], "ms"),
+                          _fmt(r["step_vs_eager"], "{:.2f}"), _fmt(r.get("fwd_vs_eager"), "{:.2f}"),
+                          _fmt(r.get("compile_s"), "{:.1f}"), _fmt(r.get("graph_breaks"), "{}")] for r in compiled])
     if result.get("skipped"):
         lines += ["", "## Not run", ""] + [f"- `{k}`: {why}" for k, why in result["skipped"].items()]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """What the overhead benchmark runs: its configuration, the base model, and one runner per method.
 
 A *method* is one thing to time: the floor (the frozen base with gradients flowing to its inputs
-only), a lorazoo adapter spec, or PEFT's implementation of that spec. A *runner* holds one
+only), a lorazoo adapter spec, the same under ``torch.compile`` ("lorazoo+compile": the adapted
+model compiled with ``cfg.compile_backend``, inductor by default, compiled when the runner is built
+so that no timed step pays for it), or PEFT's implementation of that spec. A *runner* holds one
 method's model, built once and kept, and knows how to take one training step (forward, backward,
 AdamW step and the adapter's step hooks), one inference forward, and how to merge and unmerge.
 """
@@ -17,7 +19,8 @@ from torch import nn
 from ..errors import SpecError
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-IMPLS = ("floor", "lorazoo", "peft")
+IMPLS = ("floor", "lorazoo", "lorazoo+compile", "peft")
+COMPILED = "lorazoo+compile"
 ADALORA_STEPS = 1000  # the run length schedules are planned for (AdaLoRA's budget), both implementations
 
 
@@ -41,6 +44,7 @@ class BenchConfig:
     mem_steps: int = 3     # training steps taken before reading the peak memory
     lr: float = 1e-4
     seed: int = 0
+    compile_backend: str = "inductor"  # torch.compile backend of the "lorazoo+compile" rows
 
     def __post_init__(self):
         for name in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank",
@@ -147,10 +151,34 @@ def floor_runner(method: Method, model: nn.Module, batch: dict) -> Runner:
     return Runner(method, model, 0, step, batch)
 
 
-def lorazoo_runner(method: Method, cfg: BenchConfig, model: nn.Module, batch: dict) -> Runner:
+def give_labels(handle, samples: int) -> None:
+    """Forms that cannot train without labels from the data (MoA's domains) get one per sample,
+    spread over their label range, for every timed forward (MTLoRA and MokA run their label-free
+    path, LoRA's cost)."""
+    from ..routing import set_labels
+
+    forms = [ad.form for ad in handle.adapters().values() if getattr(ad.form, "requires_labels", False)]
+    for cls in {type(f) for f in forms}:
+        n = min(f.label_classes for f in forms if isinstance(f, cls))
+        set_labels(handle, cls, torch.arange(samples) % n)
+
+
+def lorazoo_runner(method: Method, cfg: BenchConfig, model: nn.Module, batch: dict, compile: bool = False) -> Runner:
+    """lorazoo's adapter on ``model``; with ``compile`` the steps and forwards run
+    ``torch.compile(model, backend=cfg.compile_backend)``, compiled here (one step, one forward,
+    and the merged forward) so that the timed rounds measure the compiled code only."""
     from ..adapt import adapt
 
     handle = adapt(model, method.adapter_spec(), calibration=[batch])
+    give_labels(handle, batch["input_ids"].shape[0])
+    net = model
+    if compile:
+        import torch._dynamo.config as dynamo_config
+
+        # every compiled variant recompiles the same forward code (Llama's): room for all of them
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
+        net = torch.compile(model, backend=cfg.compile_backend)
     handle.plan(ADALORA_STEPS)
     opt = torch.optim.AdamW(handle.param_groups(cfg.lr))
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -162,11 +190,25 @@ def lorazoo_runner(method: Method, cfg: BenchConfig, model: nn.Module, batch: di
         for g, lr0 in zip(opt.param_groups, base_lrs):
             g["lr"] = lr0 * handle.lr_factor(n)
         opt.zero_grad(set_to_none=True)
-        (model(**batch).loss + handle.aux_loss()).backward()
+        (net(**batch).loss + handle.aux_loss()).backward()
         handle.before_step(opt)
         opt.step()
         handle.after_step(opt, n)
 
     mergeable = all(ad.form.mergeable for ad in handle.adapters().values())
-    return Runner(method, model, handle.num_trainable(), step, batch,
-                  handle.merge if mergeable else None, handle.unmerge if mergeable else None)
+    runner = Runner(method, net, handle.num_trainable(), step, batch,
+                    handle.merge if mergeable else None, handle.unmerge if mergeable else None)
+    if compile:
+        from torch._dynamo.utils import counters
+
+        breaks0 = sum(counters["graph_break"].values())
+        t0 = time.perf_counter()
+        step()
+        runner.forward()
+        if mergeable:
+            runner.merge()
+            runner.forward()
+            runner.unmerge()
+        runner.notes.append({"compile_s": round(time.perf_counter() - t0, 2), "backend": cfg.compile_backend,
+                             "graph_breaks": sum(counters["graph_break"].values()) - breaks0})
+    return runner
