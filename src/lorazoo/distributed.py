@@ -39,3 +39,39 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     collective: every rank must call this); plain tensors come back as they are."""
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` as rank ``src`` has it, on every rank (itself in one process)."""
+    if world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(value: float) -> float:
+    """The sum of ``value`` over the ranks, in float64 (itself in one process)."""
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)

@@ -14,56 +14,16 @@ plus your own ``init_process_group``, or by any launcher), :class:`lorazoo.train
 * writes checkpoints from rank 0 only (atomically, as in one process) while the others wait, and
   resumes on every rank from the same checkpoint folder (a file system all ranks see).
 
-:func:`spawn_run` is ``lorazoo train --nproc N``: N local processes (gloo, CPU) run
+:func:`lorazoo.run.spawn_run` is ``lorazoo train --nproc N``: N local processes (gloo, CPU) run
 :func:`lorazoo.run.run` with the same arguments; rank 0 writes the output folder.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import torch
 
-from .distributed import initialized, is_main_process, rank
+from .distributed import (  # noqa: F401 - the collective helpers, re-exported for the trainer
+    all_reduce_sum, barrier, broadcast_object, initialized, is_main_process, rank, world_size)
 from .errors import LorazooError
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if initialized() else 1
-
-
-def barrier() -> None:
-    """Wait for every rank (nothing in one process)."""
-    if world_size() > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` as rank ``src`` has it, on every rank (itself in one process)."""
-    if world_size() == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj if rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_reduce_sum(value: float) -> float:
-    """The sum of ``value`` over the ranks, in float64 (itself in one process)."""
-    if world_size() == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t)
 
 
 def shard_rows(n: int, r: int | None = None, world: int | None = None) -> tuple[int, int]:
@@ -114,51 +74,3 @@ def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # --- lorazoo train --nproc N ----------------------------------------------------------------------
-def spawn_run(nproc: int, *args, **kwargs) -> dict:
-    """:func:`lorazoo.run.run` in ``nproc`` local processes (torch.distributed, gloo, CPU); rank 0's
-    result. Tasks registered in this process are registered in the workers too (their classes
-    must be importable by name, as pickling needs)."""
-    from .parts import check_number
-    from .tasks.base import TASKS
-
-    check_number("nproc", nproc, minimum=1, integer=True)
-    if int(nproc) == 1:
-        from .run import run
-
-        return run(*args, **kwargs)
-    if initialized():
-        raise LorazooError("--nproc starts its own processes; it cannot run inside a torch.distributed group")
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="lorazoo-nproc-") as d:
-        result_file = os.path.join(d, "result.json")
-        threads = max(1, torch.get_num_threads() // int(nproc))
-        try:
-            mp.start_processes(_worker, args=(int(nproc), os.path.join(d, "init"), result_file, dict(TASKS),
-                                              threads, args, kwargs), nprocs=int(nproc), start_method="spawn",
-                               join=True)
-        except mp.ProcessRaisedException as e:  # a worker's LorazooError: say it as one
-            raise LorazooError(f"a training process failed:\n{e}") from None
-        return json.loads(Path(result_file).read_text())
-
-
-def _worker(r: int, world: int, init_file: str, result_file: str, tasks: dict, threads: int, args, kwargs):
-    import torch.distributed as dist
-
-    from .tasks.base import TASKS
-
-    for name, cls in tasks.items():
-        TASKS.setdefault(name, cls)
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=world)
-    try:
-        from .run import run
-
-        if r != 0:
-            kwargs = {**kwargs, "progress": False}
-        result = run(*args, **kwargs)
-        if r == 0:
-            Path(result_file).write_text(json.dumps(result))
-        barrier()
-    finally:
-        dist.destroy_process_group()

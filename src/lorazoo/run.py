@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .adapt import adapt
 from .checkpoint import latest_checkpoint, read_checkpoint
-from .distributed import is_main_process
+from .distributed import barrier, initialized, is_main_process
 from .errors import LorazooError
 from .files import _atomic
 from .parts import check_number
 from .spec import AdapterSpec
-from .tasks.base import get_task
+from .tasks.base import TASKS, get_task
 from .train import Trainer, check_trainer_options
 from .version import __version__
 
@@ -171,8 +173,6 @@ def save_run(handle, task_config: dict, result: dict, out_dir) -> None:
     if is_main_process():  # under torch.distributed rank 0 writes the folder, the others wait for it
         _atomic(out / TASK_FILE, lambda f: Path(f).write_text(json.dumps(task_config, indent=1)))
         _atomic(out / RESULT_FILE, lambda f: Path(f).write_text(json.dumps(result, indent=1)))
-    from .launch import barrier
-
     barrier()
 
 
@@ -208,3 +208,44 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def spawn_run(nproc: int, *args, **kwargs) -> dict:
+    """:func:`lorazoo.run.run` in ``nproc`` local processes (torch.distributed, gloo, CPU); rank 0's
+    result. Tasks registered in this process are registered in the workers too (their classes
+    must be importable by name, as pickling needs)."""
+    check_number("nproc", nproc, minimum=1, integer=True)
+    if int(nproc) == 1:
+        return run(*args, **kwargs)
+    if initialized():
+        raise LorazooError("--nproc starts its own processes; it cannot run inside a torch.distributed group")
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="lorazoo-nproc-") as d:
+        result_file = os.path.join(d, "result.json")
+        threads = max(1, torch.get_num_threads() // int(nproc))
+        try:
+            mp.start_processes(_worker, args=(int(nproc), os.path.join(d, "init"), result_file, dict(TASKS),
+                                              threads, args, kwargs), nprocs=int(nproc), start_method="spawn",
+                               join=True)
+        except mp.ProcessRaisedException as e:  # a worker's LorazooError: say it as one
+            raise LorazooError(f"a training process failed:\n{e}") from None
+        return json.loads(Path(result_file).read_text())
+
+
+def _worker(r: int, world: int, init_file: str, result_file: str, tasks: dict, threads: int, args, kwargs):
+    import torch.distributed as dist
+
+    for name, cls in tasks.items():
+        TASKS.setdefault(name, cls)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=world)
+    try:
+        if r != 0:
+            kwargs = {**kwargs, "progress": False}
+        result = run(*args, **kwargs)
+        if r == 0:
+            Path(result_file).write_text(json.dumps(result))
+        barrier()
+    finally:
+        dist.destroy_process_group()

@@ -421,13 +421,13 @@ def resume_main(args) -> int:
 
 
 def _runner(args, run):
-    """``run``, or ``run`` in ``--nproc`` processes (lorazoo.launch.spawn_run)."""
+    """``run``, or ``run`` in ``--nproc`` processes (lorazoo.run.spawn_run)."""
     nproc = getattr(args, "nproc", None)
     if nproc is None or nproc == 1:
         return run
     import functools
 
-    from ..launch import spawn_run
+    from ..run import spawn_run
 
     return functools.partial(spawn_run, nproc)
 
