@@ -66,6 +66,31 @@ def kill_at(handle, step):
     handle.after_step = after
 
 
+def merges_survive_a_kill(tmp_path, make, kill, every):
+    """``make()`` (-> model, handle) trained 3 epochs (12 steps) uninterrupted, and again killed at
+    step ``kill`` with checkpoints every ``every`` and resumed in a "new process": the resumed run
+    takes 12 steps and ends with the uninterrupted weights and adapter (the merge-into-base
+    schedules). Returns (uninterrupted handle, resumed model, resumed handle)."""
+    opts = dict(lr=2e-2, epochs=3, warmup=2, progress=False)
+    torch.manual_seed(0)
+    model, handle = make()
+    Trainer(model, handle, **opts).fit(epoch_batches)
+    ref = snapshot(model, handle)
+    torch.manual_seed(0)
+    model1, handle1 = make()
+    run = Trainer(model1, handle1, checkpoint_dir=tmp_path, checkpoint_every=every, **opts)
+    kill_at(handle1, kill)
+    with pytest.raises(Killed):
+        run.fit(epoch_batches)
+    torch.manual_seed(1234)
+    model2, handle2 = make()
+    out = Trainer(model2, handle2, checkpoint_dir=tmp_path, checkpoint_every=every, **opts).fit(
+        epoch_batches, resume=True)
+    assert out["steps"] == 12
+    assert max_diff(snapshot(model2, handle2), ref) <= 1e-5
+    return handle, model2, handle2
+
+
 def allocation_survives_a_kill(tmp_path, make, kill=7, every=4):
     """Train ``make()`` (-> model, handle) 12 steps uninterrupted; again, killed at step ``kill``
     with checkpoints every ``every``; resume in a "new process". The resumed adapter equals the

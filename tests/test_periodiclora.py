@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import lorazoo
-from lorazoo.train import Trainer
-from test_checkpoint import Killed, epoch_batches, kill_at, max_diff, snapshot
+from test_checkpoint import merges_survive_a_kill
 from tiny import TinyNet, adapted, perturb, tiny_data, train
 
 NAMES = ("fc1", "fc2")
@@ -85,22 +84,7 @@ def _make():
 
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
-    opts = dict(lr=2e-2, epochs=3, warmup=2, progress=False)
-    torch.manual_seed(0)
-    model, handle = _make()
-    Trainer(model, handle, **opts).fit(epoch_batches)
-    ref = snapshot(model, handle)
-    torch.manual_seed(0)
-    model, handle = _make()
-    tr = Trainer(model, handle, checkpoint_dir=tmp_path, checkpoint_every=3, **opts)
-    kill_at(handle, 8)
-    with pytest.raises(Killed):
-        tr.fit(epoch_batches)
-    torch.manual_seed(1234)
-    model2, handle2 = _make()
-    out = Trainer(model2, handle2, checkpoint_dir=tmp_path, checkpoint_every=3, **opts).fit(epoch_batches, resume=True)
-    assert out["steps"] == 12
-    assert max_diff(snapshot(model2, handle2), ref) <= 1e-5
+    handle, model2, handle2 = merges_survive_a_kill(tmp_path, _make, kill=8, every=3)
 
 
 def test_training_while_merged_is_refused():
