@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import LorazooError, SpecError
 
 
 def check_number(name: str, value: Any, *, minimum: float = 0.0, integer: bool = False,
@@ -213,6 +213,31 @@ class TrainingState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the trainer calls it after ``plan``, so the
         restored state wins over the new plan."""
+
+
+class ValidationBatches:
+    """Held-out batches for parts that score or step on a second data split (ALoRA, AutoLoRA,
+    BiLoRA), and the model's last training forward as the fallback, recorded by a forward pre-hook
+    that :meth:`watch` registers once."""
+
+    validation: list | None = None
+    _last = None   # (args, kwargs) of the model's last training forward
+    _hook = None
+
+    def set_validation(self, batches) -> None:
+        """Batches (dicts of model keyword arguments with labels) for the second split."""
+        batches = list(batches)
+        if not batches or not all(isinstance(b, dict) for b in batches):
+            raise LorazooError("set_validation takes a non-empty list of batch dicts (model keyword arguments)")
+        self.validation = batches
+
+    def watch(self, handle) -> None:
+        if self._hook is None:
+            self._hook = handle.model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        if module.training:
+            self._last = (args, kwargs)
 
 
 class Optim(Part, TrainingState):

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import LorazooError, SpecError
 from ..forms.adalora import AdaLoRA
-from ..parts import Optim, check_number
+from ..parts import Optim, ValidationBatches, check_number
 from ..registry import OPTIMS
 
 
@@ -48,7 +48,7 @@ from ..registry import OPTIMS
                  equations="ΔW = s·P diag(λ) Q; lower: P, Q on D1 with gamma·R(P, Q); upper: λ on D2; "
                            "alternating first-order steps",
                  summary="pseudo singular vectors trained on one data split, singular values on another, in turn")
-class BiLoRA(Optim):
+class BiLoRA(ValidationBatches, Optim):  # set_validation: the D2 split, cycled one per upper step
     options = {"bilora_interval": 1, "bilora_orth_reg": 0.1, "bilora_values_lr_ratio": 1.0}
 
     @classmethod
@@ -65,16 +65,8 @@ class BiLoRA(Optim):
 
     def __init__(self, spec):
         super().__init__(spec)
-        self.validation: list | None = None
         self.steps = 0        # optimizer steps seen (before_step calls)
         self.upper_steps = 0  # steps on which λ moved
-
-    def set_validation(self, batches) -> None:
-        """The D2 split: batches (dicts of model keyword arguments with labels), cycled one per upper step."""
-        batches = list(batches)
-        if not batches or not all(isinstance(b, dict) for b in batches):
-            raise LorazooError("set_validation takes a non-empty list of batch dicts (model keyword arguments)")
-        self.validation = batches
 
     @staticmethod
     def _split(handle):

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import LorazooError, SpecError
 from ..forms.alora import ALoRA
-from ..parts import Schedule, check_number
+from ..parts import Schedule, ValidationBatches, check_number
 from ..registry import SCHEDULES
 from . import rankalloc as ra
 from .increlora import reset_optimizer_rows
@@ -50,7 +50,7 @@ from .increlora import reset_optimizer_rows
 @SCHEDULES.register("alora", paper="ALoRA (Liu et al., 2024) [60]",
                     equations="study Eq. 50: IS(r) = S(M) − S(M∖r) + S(M_r); prune the lowest, reallocate",
                     summary="ablation-scored ranks; prune the least important, give the budget to unpruned layers")
-class ALoRASchedule(Schedule):
+class ALoRASchedule(ValidationBatches, Schedule):
     options = {
         "alora_warmup_steps": 0.25,
         "alora_interval": 0.15,
@@ -105,9 +105,6 @@ class ALoRASchedule(Schedule):
         self.rounds_at: list[int] | None = None
         if spec.options["alora_total_steps"] is not None:
             self.plan(spec.options["alora_total_steps"])
-        self.validation: list | None = None
-        self._last = None          # (args, kwargs) of the model's last training forward
-        self._hook = None
         self.step = 0
         self.history: list[dict] = []  # per round: pruned and added ranks per layer
 
@@ -115,27 +112,12 @@ class ALoRASchedule(Schedule):
         self.rounds_at = self._resolve(self.spec.options, total_steps,
                                        strict=self.spec.options["alora_total_steps"] is not None)
 
-    def set_validation(self, batches) -> None:
-        """Batches (dicts of model keyword arguments with labels) on which S is measured."""
-        batches = list(batches)
-        if not batches or not all(isinstance(b, dict) for b in batches):
-            raise LorazooError("set_validation takes a non-empty list of batch dicts (model keyword arguments)")
-        self.validation = batches
-
-    # --- recording the training batch -------------------------------------------------------
-    def _record(self, module, args, kwargs):
-        if module.training:
-            self._last = (args, kwargs)
-
+    # --- recording the training batch (ValidationBatches) -------------------------------------
     def attach(self, handle):
-        self._watch(handle)
+        self.watch(handle)
 
     def before_step(self, handle, optimizer):
-        self._watch(handle)  # in case the handle was built without attach()
-
-    def _watch(self, handle) -> None:
-        if self._hook is None:
-            self._hook = handle.model.register_forward_pre_hook(self._record, with_kwargs=True)
+        self.watch(handle)  # in case the handle was built without attach()
 
     # --- scores -------------------------------------------------------------------------------
     @torch.no_grad()

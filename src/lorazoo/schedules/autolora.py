@@ -45,7 +45,7 @@ import torch
 
 from ..errors import LorazooError, SpecError
 from ..forms.autolora import AutoLoRA
-from ..parts import Schedule, check_number
+from ..parts import Schedule, ValidationBatches, check_number
 from ..registry import SCHEDULES
 from . import rankalloc as ra
 from .increlora import reset_optimizer_rows
@@ -64,7 +64,7 @@ def _loss_of(out) -> torch.Tensor:
                     equations="g = softmax(z) per layer; z <- Adam(∇_z L_val) after each training step; "
                               "keep rank j iff g_j >= lambda (1/r); retrain the kept ranks",
                     summary="selection variables per rank meta-learned on validation batches, then thresholded")
-class AutoLoRASchedule(Schedule):
+class AutoLoRASchedule(ValidationBatches, Schedule):
     options = {"autolora_search_steps": 0.5, "autolora_lr": 1e-3, "autolora_threshold": None,
                "autolora_retrain": True, "autolora_total_steps": None}
 
@@ -91,9 +91,6 @@ class AutoLoRASchedule(Schedule):
         self.search_until: int | None = None
         if spec.options["autolora_total_steps"] is not None:
             self.plan(spec.options["autolora_total_steps"])
-        self.validation: list | None = None
-        self._last = None
-        self._hook = None
         self.step = 0
         self.meta_steps = 0
         self.thresholded = False
@@ -105,20 +102,9 @@ class AutoLoRASchedule(Schedule):
         self.search_until = max(1, ra.steps_of("autolora_search_steps", self.spec.options["autolora_search_steps"], T))
 
     # --- validation batches ---------------------------------------------------------------------
-    def set_validation(self, batches) -> None:
-        """Batches (dicts of model keyword arguments with labels) for the meta steps, cycled."""
-        batches = list(batches)
-        if not batches or not all(isinstance(b, dict) for b in batches):
-            raise LorazooError("set_validation takes a non-empty list of batch dicts (model keyword arguments)")
-        self.validation = batches
-
-    def _record(self, module, args, kwargs):
-        if module.training:
-            self._last = (args, kwargs)
-
+    # set_validation (ValidationBatches): batches for the meta steps, cycled
     def attach(self, handle):
-        if self._hook is None:
-            self._hook = handle.model.register_forward_pre_hook(self._record, with_kwargs=True)
+        self.watch(handle)
 
     def _next_call(self):
         if self.validation is not None:
