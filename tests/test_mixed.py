@@ -114,6 +114,39 @@ def test_the_forward_does_not_loop_over_adapters():
     assert calls[2] == calls[6] == 4  # two per adapted layer, whatever the number of adapters
 
 
+def test_stacks_are_kept_between_batches_and_follow_every_change():
+    """The stacked factors are reused by the next batch, and rebuilt when an adapter's tensors change
+    (an optimizer step), an adapter is added, or the base weight changes."""
+    model = build({"a": S(rank=2, targets=["fc1", "fc2"]), "b": S(rank=3, targets=["fc2"])})
+    names = ["a", "b", None, "a"]
+    x = torch.randn(len(names), 3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def check():
+        with torch.no_grad():
+            with mixed_batch(model, names):
+                got = model(x)
+            torch.testing.assert_close(got, alone(model, names, x), rtol=1e-10, atol=1e-12)
+
+    check()
+    stack = model.fc2.__dict__["_mixed_stack"]
+    check()
+    assert model.fc2.__dict__["_mixed_stack"] is stack  # reused, not rebuilt
+    h = lorazoo.handles_of(model)["b"]
+    model.train()
+    lorazoo.activate(model, "b")
+    opt = torch.optim.SGD(h.trainable_parameters(), lr=0.5)
+    model(x).square().sum().backward()
+    opt.step()  # in place: only the version counters tell
+    model.eval()
+    check()
+    perturb(lorazoo.adapt(model, S(rank=2, targets=["fc2"]), name="c"), seed=9)
+    names[2] = "c"
+    check()
+    with torch.no_grad():
+        model.fc2.base.weight.mul_(1.1)
+    check()
+
+
 def test_saved_heads_run_per_adapter():
     model = TinyNet()
     for i, name in enumerate(("p", "q")):

@@ -11,10 +11,11 @@ where B_a A_a = ΔW_a are adapter a's update factors (:meth:`Form.update_factors
 and its inits, (s·Λ_b B, Λ_d A) for VeRA, the Khatri-Rao factors of LoHa, ...; forms without low-rank
 factors fall back to their dense ΔW, one gathered (out, in) matrix per sample), g_a is DoRA's row gain
 (1 for the others), and S_k = shift_B shift_A the base shifts that inits such as PiSSA fold into the
-base (each sample keeps its own adapter's shift only, as ``activate`` does). The factors of the K
-adapters are padded to one rank k and stacked, (K + 1, k, in) and (K + 1, out, k), the last slot
+base (each sample keeps its own adapter's shift only, as ``activate`` does). The factors of a layer's
+K adapters are padded to one rank k and stacked, (K + 1, k, in) and (K + 1, out, k), the last slot
 zero for the base; a batch gathers its samples' slots and runs two batched matmuls, so the cost is
-one LoRA of rank k per sample whatever K.
+one LoRA of rank k per sample whatever K. The stacks are built on the first batch and kept on the
+layer until an adapter or the base changes (:class:`Stacked`), so later batches pay no setup.
 
 Modules saved in full with an adapter (``modules_to_save``, a classifier head) run per adapter on
 that adapter's samples: a loop over the K adapters of the batch, on the small head only.
@@ -62,53 +63,82 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]):
 
 
 class MixedLayer:
-    """One adapted layer's stacked per-adapter factors, gains and shifts, and the batched forward."""
+    """One adapted layer's batched per-sample forward over its cached :class:`Stacked` adapters."""
 
     def __init__(self, layer: AdaptedLayer, slots: list[str], index: torch.Tensor):
-        W = layer.linear_weight()
         self.layer, self.n = layer, len(index)
-        self.index = index.to(W.device)
-        present = [layer.adapters[s] if s in layer.adapters else None for s in slots]
-        low = [None if ad is None else ad.form.update_factors(W) for ad in present]
-        self.A = self.B = self.dense = self.gain = None
-        if any(f is None and ad is not None for f, ad in zip(low, present)):  # a dense (out, in) per slot
-            zero = torch.zeros_like(W)
-            self.dense = torch.stack([zero if ad is None else ad.form.delta_weight(W) if f is None else f[0] @ f[1]
-                                      for f, ad in zip(low, present)] + [zero])
-        elif any(f is not None for f in low):
-            self.B, self.A = _stack(low, W)
-        gains = [None if ad is None else ad.form.output_gain(W) for ad in present]
-        if any(g is not None for g in gains):
-            ones = torch.ones(W.shape[0], dtype=W.dtype, device=W.device)
-            self.gain = torch.stack([ones if g is None else g for g in gains] + [ones])
-        shifted = [ad for ad in layer.adapters.values() if ad.shift_A.shape[0]]
-        self.unshift = None
-        if shifted:
-            self.unshift = (torch.cat([ad.shift_A for ad in shifted]), torch.cat([ad.shift_B for ad in shifted], 1))
-            own = [None if ad is None or not ad.shift_A.shape[0] else (ad.shift_B, ad.shift_A) for ad in present]
-            self.shift_B, self.shift_A = _stack(own, W)
+        self.stack = Stacked.of(layer)
+        zero = len(self.stack.names)  # the base's slot
+        own = [self.stack.names.index(s) if s in self.stack.names else zero for s in slots] + [zero]
+        self.index = torch.tensor(own, device=self.stack.device)[index.to(self.stack.device)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.n:
             raise LorazooError(f"mixed_batch got {self.n} adapter names but the batch at this layer has "
                                f"{x.shape[0]} samples; give one name (or None) per sample")
-        layer = self.layer
-        W, bias = layer.linear_weight(), layer.base.bias
+        st, i = self.stack, self.index
+        W, bias = self.layer.linear_weight(), self.layer.base.bias
         xb = x.reshape(self.n, -1, x.shape[-1])
         y = F.linear(xb, W)
-        i = self.index
-        if self.dense is not None:
-            y = y + torch.einsum("bti,boi->bto", xb, self.dense[i])
-        elif self.A is not None:
-            y = y + _lowrank(xb, self.A[i], self.B[i])
-        if self.gain is not None:
-            y = y * self.gain[i][:, None, :]
-        if self.unshift is not None:
-            sA, sB = self.unshift
-            y = y - F.linear(F.linear(xb, sA), sB) + _lowrank(xb, self.shift_A[i], self.shift_B[i])
+        if st.dense is not None:
+            y = y + torch.einsum("bti,boi->bto", xb, st.dense[i])
+        elif st.A is not None:
+            y = y + _lowrank(xb, st.A, st.B, i)
+        if st.gain is not None:
+            y = y * st.gain[i][:, None, :]
+        if st.unshift is not None:
+            sA, sB = st.unshift
+            y = y - F.linear(F.linear(xb, sA), sB) + _lowrank(xb, st.shift_A, st.shift_B, i)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class Stacked:
+    """Every adapter of one layer, stacked for per-sample serving: padded factors (S + 1, ...) with
+    the last slot zero (the base), gains and base shifts. Built once and kept on the layer until an
+    adapter, its tensors (tracked by their version counters) or the base weight change, so entering
+    ``mixed_batch`` for each new batch costs no restacking."""
+
+    @classmethod
+    def of(cls, layer: AdaptedLayer) -> "Stacked":
+        W = layer.linear_weight()
+        key = (id(W), W._version, tuple((name, id(ad), tuple((id(t), t._version) for t in _tensors(ad)))
+                                        for name, ad in layer.adapters.items()))
+        cached = layer.__dict__.get("_mixed_stack")
+        if cached is None or cached.key != key:
+            cached = cls(layer, W)
+            cached.key = key
+            # kept as a plain attribute (not a submodule or a buffer); dense stacks are too big to keep
+            layer.__dict__["_mixed_stack"] = cached if cached.dense is None else None
+        return cached
+
+    def __init__(self, layer: AdaptedLayer, W: torch.Tensor):
+        servable = {n: ad for n, ad in layer.adapters.items() if _servable(ad.form)}
+        self.names, self.device = list(servable), W.device
+        present = list(servable.values())
+        low = [ad.form.update_factors(W) for ad in present]
+        self.A = self.B = self.dense = self.gain = None
+        if any(f is None for f in low):  # a dense (out, in) per slot
+            self.dense = torch.stack([ad.form.delta_weight(W) if f is None else f[0] @ f[1]
+                                      for f, ad in zip(low, present)] + [torch.zeros_like(W)])
+        elif low:
+            self.B, self.A = _stack(low, W)
+        gains = [ad.form.output_gain(W) for ad in present]
+        if any(g is not None for g in gains):
+            ones = torch.ones(W.shape[0], dtype=W.dtype, device=W.device)
+            self.gain = torch.stack([ones if g is None else g for g in gains] + [ones])
+        shifted = [ad for ad in present if ad.shift_A.shape[0]]
+        self.unshift = None
+        if shifted:
+            self.unshift = (torch.cat([ad.shift_A for ad in shifted]), torch.cat([ad.shift_B for ad in shifted], 1))
+            own = [(ad.shift_B, ad.shift_A) if ad.shift_A.shape[0] else None for ad in present]
+            self.shift_B, self.shift_A = _stack(own, W)
+
+
+def _tensors(adapter: nn.Module):
+    """The adapter's parameters and buffers (read straight from each module's dicts: this runs per batch)."""
+    return [t for m in adapter.modules() for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
 
 
 class MixedSaved:
@@ -135,9 +165,9 @@ class MixedSaved:
         return out
 
 
-def _lowrank(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Per sample b: B_b (A_b x_b), as two batched matmuls; A (n, k, in), B (n, out, k)."""
-    return torch.bmm(torch.bmm(xb, A.transpose(1, 2)), B.transpose(1, 2))
+def _lowrank(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """Per sample b: B_{i_b} (A_{i_b} x_b), as two batched matmuls; A (S, k, in), B (S, out, k)."""
+    return torch.bmm(torch.bmm(xb, A[i].transpose(1, 2)), B[i].transpose(1, 2))
 
 
 def _stack(factors: list, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +184,12 @@ def _stack(factors: list, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Bs, As
 
 
+def _servable(form: Form) -> bool:
+    """Whether the form has a per-sample weight update (and at most a known output gain)."""
+    gain_known = type(form).output_gain is not Form.output_gain
+    return form.mergeable and not form.multiplicative and not (form.reads_output and not gain_known)
+
+
 def _check(model: nn.Module, adapter_names) -> list[str | None]:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
         raise SpecError(f"adapter_names must be a list with one adapter name (or None) per sample, "
@@ -166,14 +202,15 @@ def _check(model: nn.Module, adapter_names) -> list[str | None]:
     if model.training:
         raise LorazooError("mixed_batch is for inference: call model.eval() first (it reads each adapter's "
                            "factors once, without gradients)")
-    for name in dict.fromkeys(n for n in adapter_names if n is not None):
-        h = handles[name]
-        if h.merged:
+    wanted = set(n for n in adapter_names if n is not None)
+    for path, layer in model.named_modules():  # one walk, not one per adapter
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        for name in wanted.intersection(layer.merged):
             raise LorazooError(f"adapter {name!r} is merged into the base; unmerge() it before mixed_batch")
-        for path, ad in h.adapters().items():
-            form = ad.form
-            gain_known = type(form).output_gain is not Form.output_gain
-            if not form.mergeable or form.multiplicative or (form.reads_output and not gain_known):
+        for name in wanted.intersection(layer.adapters):
+            form = layer.adapters[name].form
+            if not _servable(form):
                 raise SpecError(f"adapter {name!r} cannot run per sample: form '{form.part_name}' at {path} has "
                                 f"no weight update of its own (its output depends on the input or transforms the "
                                 f"layer's output)")

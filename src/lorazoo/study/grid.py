@@ -12,10 +12,14 @@ study is the union of its sweeps (a top-level ``grid``/``fixed`` is one sweep). 
 means every registered variant. A trial's config is a flat dict routed when it runs:
 
 * ``task``, ``variant``, ``lr`` (required), ``epochs``, ``batch_size``, ``limit``, ``seed`` (default
-  0; it also seeds the adapter) go to the trial function as arguments;
+  0; it also seeds the adapter), ``quantize`` (QLoRA's base: "nf4"...) go to the trial function as
+  arguments;
 * AdapterSpec fields and options of the variant's parts (``rank``, ``alpha``, ``loraplus_ratio``...)
   override the variant's preset;
-* anything else is a task or trainer option (``max_length``, ``lr_schedule``...).
+* anything else is a task or trainer option (``max_length``, ``lr_schedule``...);
+* except the study's own options (:data:`STUDY_OPTIONS`), read by the runner and never passed on:
+  ``keep_adapter: true`` keeps the trial's saved adapter in ``<db>.adapters/<trial id>`` (see
+  ``runner.adapter_dir``) for analyses that need it, instead of deleting the trial's folder.
 
 A trial's id is a stable hash of its config, so rerunning a study finds its finished trials.
 """
@@ -31,8 +35,9 @@ from typing import Any, Callable, Iterable
 from .errors import GridError
 
 DEFAULT_TRIAL_FN = "lorazoo.run:run"
-RUN_KEYS = ("epochs", "batch_size", "limit", "seed")
+RUN_KEYS = ("epochs", "batch_size", "limit", "seed", "quantize")
 AXIS_ORDER = ("task", "variant", "lr", "seed")
+STUDY_OPTIONS = ("keep_adapter",)  # trial config keys the runner reads; not passed to the trial function
 _SWEEP_KEYS = {"grid", "fixed"}
 _STUDY_KEYS = {"name", "description", "trial_fn", "sweeps", "grid", "fixed"}
 MAX_PROBLEMS = 12
@@ -129,7 +134,7 @@ def call_args(cfg: dict) -> tuple[str, Any, dict]:
     """``(task, spec, kwargs)`` for ``trial_fn(task, spec, **kwargs)`` from a trial config."""
     from ..spec import AdapterSpec
 
-    rest = dict(canonical(cfg))
+    rest = {k: v for k, v in canonical(cfg).items() if k not in STUDY_OPTIONS}
     task, variant = rest.pop("task"), rest.pop("variant")
     base = AdapterSpec.preset(variant)
     spec_keys = set(base.to_dict()) - {"seed"}
