@@ -193,3 +193,19 @@ def test_compiled_runner_steps_like_eager():
         torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-6)
     with pytest.raises(SpecError, match="unknown implementation"):
         build_runner(Method("lora", "nope", spec), cfg, batch)
+
+
+def test_bench_mixed_sweeps_tokens_per_sample(tmp_path):
+    """`bench --mixed K --mixed-seqs`: one row group per length, each way timed; against PEFT when installed
+    (the run itself checks that both compute the same outputs)."""
+    out = tmp_path / "mixed"
+    assert main(["bench", *TINY, "--batch", "4", "--mixed", "2", "--mixed-seqs", "3,5", "--out", str(out)]) == 0
+    runs = json.loads((out / "mixed.json").read_text())
+    assert [r["config"]["seq"] for r in runs] == [3, 5]
+    ways = {"base", "lorazoo mixed_batch", "lorazoo one adapter"}
+    for r in runs:
+        rows = {row["way"]: row for row in r["rows"]}
+        assert ways <= set(rows) and all(row["forward ms"] > 0 for row in rows.values())
+        if "peft adapter_names" in rows:
+            assert rows["peft adapter_names"]["throughput ×PEFT"] == 1
+    assert (out / "mixed.md").read_text().count("| lorazoo mixed_batch |") == 2

@@ -13,6 +13,9 @@ ALL = sorted(PRESETS)
 def build(name, **over):
     model = TinyNet()
     spec = lorazoo.AdapterSpec.preset(name, rank=4, targets=["fc1", "fc2"], **over)
+    if spec.options.get("select_params") == "top":
+        pytest.skip(f"{name} trains the last blocks of a block stack, which TinyNet has not; "
+                    f"tests/test_baselines.py runs these checks on a tiny BERT")
     handle = lorazoo.adapt(model, spec, calibration=calibration_batches())
     model.eval()  # rank dropout (DropLoRA) and dropout are training-only
     return model, handle
@@ -37,7 +40,8 @@ def test_training_lowers_loss(name):
     losses = train(model, handle, steps=40, lr=2e-2)
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(p.grad is None or not p.requires_grad for p in TinyNet().parameters())
-    frozen = [n for n, p in model.named_parameters() if ".base." in n or n.startswith("head")]
+    frozen = [n for n, p in model.named_parameters()  # a trained copy of the head (FT, BitFit) is the adapter's
+              if ".base." in n or (n.startswith("head") and ".copies." not in n)]
     assert all(not dict(model.named_parameters())[n].requires_grad for n in frozen)
 
 

@@ -100,7 +100,7 @@ def conv_spec(form):
 
 
 # Forms that only exist with a data-driven init, which reads layer inputs as rows and refuses convs.
-NOT_ON_CONV = {"lora_sb"}
+NOT_ON_CONV = {"lora_sb", "e2lora"}
 
 
 def test_every_form_runs_on_a_conv():

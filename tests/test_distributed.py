@@ -1,6 +1,7 @@
 """Two processes (gloo, CPU) train an adapted model with DDP or FSDP2 to what one process computes on
 the same global batch: LoRA, DoRA, VeRA (shared bank), AdaLoRA (masks and budget), ReLoRA (merges)
-and LoRA-GA (calibration statistics reduced over the ranks). Files are written once, by rank 0."""
+and LoRA-GA (calibration statistics reduced over the ranks). Files are written once, by rank 0;
+under FSDP2 from the gathered shards (AdaLoRA's rank masks and ReLoRA's merged base shifts too)."""
 import os
 import sys
 
@@ -22,7 +23,7 @@ SPECS = {
 }
 
 
-ENGINES = {"ddp": list(SPECS), "fsdp2": ["lora", "dora", "vera", "lora_ga"]}
+ENGINES = {"ddp": list(SPECS), "fsdp2": list(SPECS)}
 
 
 def build(name):
@@ -32,7 +33,9 @@ def build(name):
 
 
 def train(name, rank=0, world=1, wrap=None):
-    """STEPS steps on the global batch of 64, this rank's 64/world rows; calibration batches likewise."""
+    """STEPS steps on the global batch of 64, this rank's 64/world rows; calibration batches likewise.
+    Returns the model, the handle and the loss of every step on the global batch (the mean over
+    the ranks' equal shares)."""
     model, spec = build(name)
     cal = calibration_batches()
     per = len(cal) // world
@@ -42,18 +45,39 @@ def train(name, rank=0, world=1, wrap=None):
     opt = torch.optim.AdamW(handle.param_groups(1e-2))
     x, y = tiny_data(64)
     rows = slice(rank * 64 // world, (rank + 1) * 64 // world)
+    losses = []
     for step in range(1, STEPS + 1):
         opt.zero_grad()
-        (net(x[rows], y[rows]).loss + handle.aux_loss()).backward()
+        loss = net(x[rows], y[rows]).loss
+        (loss + handle.aux_loss()).backward()
         handle.before_step(opt)
         opt.step()
         handle.after_step(opt, step)
-    return model, handle
+        losses.append(loss.detach())
+    losses = torch.stack(losses)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(losses)
+        losses /= world
+    return model, handle, losses.tolist()
 
 
 def _worker(rank, world, init_file, out, engine):
-    import torch.distributed as dist
+    import json
 
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import lorazoo.handle
+
+    real_write = lorazoo.handle.write_adapter
+
+    def write_adapter(path, *a, **kw):  # who writes adapter files: rank 0 alone
+        with open(os.path.join(out, f"writes-{rank}"), "a") as f:
+            f.write(f"{path}\n")
+        return real_write(path, *a, **kw)
+    lorazoo.handle.write_adapter = write_adapter
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name in ENGINES[engine]:
@@ -68,9 +92,14 @@ def _worker(rank, world, init_file, out, engine):
                     for m in (model.fc1, model.fc2):
                         fully_shard(m)
                     return fully_shard(model)
-            model, handle = train(name, rank, world, wrap)
+            model, handle, losses = train(name, rank, world, wrap)
+            # FSDP2 shards the adapter's own tensors, so the schedules and the save really see shards
+            assert all(isinstance(p, DTensor) for p in handle.trainable_parameters()) == (engine == "fsdp2")
             handle.save(os.path.join(out, name))
             assert os.path.isdir(os.path.join(out, name)) or rank != 0
+            if rank == 0:
+                with open(os.path.join(out, f"{name}.losses.json"), "w") as f:
+                    json.dump(losses, f)
     finally:
         dist.destroy_process_group()
 
@@ -78,13 +107,23 @@ def _worker(rank, world, init_file, out, engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_two_processes_train_like_one(engine, tmp_path):
+    import json
+
     out = tmp_path / "out"
     out.mkdir()
     mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(out), engine), nprocs=2,
                        start_method="spawn", join=True)
+    assert not (out / "writes-1").exists()
+    assert (out / "writes-0").read_text().split() == [str(out / name) for name in ENGINES[engine]]
     x, _ = tiny_data()
     for name in ENGINES[engine]:
-        ref_model, ref = train(name)
+        ref_model, ref, ref_losses = train(name)
+        losses = json.loads((out / f"{name}.losses.json").read_text())
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-7, atol=1e-9, msg=lambda m: f"{name} loss: {m}")
+        if name == "adalora":  # the budget pruned: 4 of the 6 triplets per layer kept (b_T = 8 of 12)
+            assert sum(int(ad.form.rank_mask.sum()) for ad in ref.adapters().values()) == 8
+        if name == "relora":  # merged after steps 3, 6, 9 and 12, rank 4 each
+            assert all(ad.shift_A.shape[0] == 16 for ad in ref.adapters().values())
         folder = out / name
         assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
         fresh = TinyNet()

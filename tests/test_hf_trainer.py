@@ -2,8 +2,9 @@
 
 Fast tests: the tiny net (float64), one variant per hook, each compared step by step with
 lorazoo.train.Trainer on the same data order, optimizer, schedule and RNG stream. Slow tests: the
-real MiniLM sentiment task (float32) for LoRA, LoRA+, AdaLoRA and ReLoRA, and the example script
-through ``accelerate launch --cpu``.
+real MiniLM sentiment task (float32) for LoRA, LoRA+, AdaLoRA and ReLoRA, the example script in two
+DDP processes under ``accelerate launch`` and ``torchrun``, and the tiny net in two launched processes
+against one.
 
 The RNG: HF's DataLoader draws a seed from torch's global generator when an epoch's iterator is
 made, so each comparison takes the generator's state at HF's first step and starts lorazoo's run
@@ -323,25 +324,57 @@ def test_minilm_sentiment_same_curve_as_lorazoo_trainer(variant, tmp_path):
         assert sum(int(m.sum()) for m in masks) == handle.schedule.target_rank * len(masks)
 
 
-LAUNCHERS = {  # the example in one process under accelerate, and in two DDP processes (gloo) under torchrun
-    "accelerate": (["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"], 1, "NO"),
-    "torchrun": (["-m", "torch.distributed.run", "--nproc_per_node", "2"], 2, "MULTI_CPU"),
-}
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_prefix(launcher: str, processes: int, tmp_path) -> list[str]:
+    """The interpreter arguments that start a script in ``processes`` local CPU processes (DDP over
+    gloo when 2). accelerate 1.15 starts several local CPU processes only through torch's launcher:
+    ``--cpu`` (or a ``distributed_type: MULTI_CPU`` config) goes to its simple launcher, which runs
+    ONE process unless mpirun is given a hostfile; a MULTI_GPU config with ``use_cpu: true`` goes
+    through torch.distributed.run, and each process (the script's ``use_cpu``) runs MULTI_CPU."""
+    port = str(free_port())
+    if launcher == "torchrun":
+        return ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", port]
+    if processes == 1:
+        return ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("\n".join([
+        "compute_environment: LOCAL_MACHINE", "distributed_type: MULTI_GPU", f"num_processes: {processes}",
+        "num_machines: 1", "machine_rank: 0", "main_process_ip: 127.0.0.1", f"main_process_port: {port}",
+        "rdzv_backend: static", "same_network: true", "gpu_ids: all", "use_cpu: true", "mixed_precision: 'no'",
+        "dynamo_config: {dynamo_backend: 'NO'}", ""]))
+    return ["-m", "accelerate.commands.launch", "--config_file", str(config)]
+
+
+def launch(launcher, processes, tmp_path, script, *args) -> dict:
+    """Run ``script args`` under the launcher; the JSON summary its rank 0 prints last."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, *launch_prefix(launcher, processes, tmp_path), str(script), *map(str, args)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+LAUNCHERS = {"accelerate": 2, "torchrun": 2}  # the example in two DDP processes (gloo) under each launcher
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_launchers_run_the_example(launcher, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT / "src")}
-    prefix, processes, kind = LAUNCHERS[launcher]
-    cmd = [sys.executable, *prefix, str(EXAMPLE), "--cpu", "--variant", "adalora", "--limit", "64", "--batch-size",
-           str(8 // processes), "--max-length", "32", "--test-size", "64", "--out", str(out), "--save-steps", "4"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    processes = LAUNCHERS[launcher]
+    result = launch(launcher, processes, tmp_path, EXAMPLE, "--cpu", "--variant", "adalora", "--limit", "64",
+                    "--batch-size", 8 // processes, "--max-length", "32", "--test-size", "64", "--out", out,
+                    "--save-steps", "4")
+    kind = "MULTI_CPU" if processes > 1 else "NO"
     assert (result["steps"], result["num_processes"], result["distributed_type"]) == (8, processes, kind)
     assert len(result["losses"]) == 8 and all(math.isfinite(v) for v in result["losses"])
     assert (out / "checkpoint-4" / STATE_FILE).is_file() and (out / "adapter.safetensors").is_file()
@@ -349,3 +382,45 @@ def test_launchers_run_the_example(launcher, tmp_path):
     model = task.build_model()
     lorazoo.load(model, out)
     assert task.evaluate(model)["accuracy"] == pytest.approx(result["metrics"]["accuracy"], abs=1e-6)
+
+
+def launched_tiny(out, variant: str, batch_size: int):
+    """LorazooTrainer on the tiny net (float64, no dropout), 64 examples in order, ``batch_size`` per
+    process, in this process or as one of a launched group; rank 0 saves the adapter into ``out``
+    and prints a JSON summary (the launched scripts' last line)."""
+    model, handle = tiny_adapted(variant)
+    hf = LorazooTrainer(model=model, args=hf_args(out, lr=1e-2, batch_size=batch_size), train_dataset=examples(64),
+                        data_collator=collate, lr_schedule="linear")
+    hf.train()
+    hf.save_model(str(out))
+    losses, lrs = hf_history(hf)
+    result = {"losses": losses, "lrs": lrs, "steps": hf.state.global_step,
+              "num_processes": hf.accelerator.num_processes,
+              "distributed_type": str(hf.accelerator.distributed_type).rpartition(".")[2]}
+    if hf.is_world_process_zero():
+        print(json.dumps(result))
+    return result, handle
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_launched_processes_train_like_one(launcher, tmp_path):
+    """AdaLoRA on the tiny net: two DDP processes (4 rows each) under the launcher train as one
+    process on batches of 8: the same losses (HF logs them in float32), learning rates, rank masks
+    (the budget pruned on every rank) and adapter; rank 0 alone writes it."""
+    script = tmp_path / "tiny_hf.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      f"from test_hf_trainer import launched_tiny\nlaunched_tiny(sys.argv[1], 'adalora', 4)\n")
+    two = launch(launcher, 2, tmp_path, script, tmp_path / "two")
+    one, handle = launched_tiny(tmp_path / "one", "adalora", 8)
+    assert (two["steps"], two["num_processes"], two["distributed_type"]) == (8, 2, "MULTI_CPU")
+    assert (one["steps"], one["num_processes"], one["distributed_type"]) == (8, 1, "NO")
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(f64(two["lrs"]), f64(one["lrs"]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(f64(two["losses"]), f64(one["losses"]), rtol=3e-7, atol=1e-7)
+    got, want = lorazoo.load(DictNet(), tmp_path / "two").state_dict(), handle.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+    masks = [ad.form.rank_mask for ad in handle.adapters().values()]
+    assert sum(int(m.sum()) for m in masks) == handle.schedule.target_rank * 2 < sum(m.numel() for m in masks)

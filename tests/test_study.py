@@ -312,7 +312,8 @@ def test_suites_are_valid_study_configs():
     nlu = [t for t in quick if t["task"] == "sentiment"]
     lrs = sorted({t["lr"] for t in nlu})
     assert len(lrs) >= 5 and lrs[0] == 1e-5 and lrs[-1] == 1e-2
-    assert {t["variant"] for t in nlu} == set(lorazoo.variants()) and {t["seed"] for t in nlu} == {0}
+    quick_variants = {t["variant"] for t in nlu}  # the 20 of the checked-in study, all still presets
+    assert len(quick_variants) == 20 and quick_variants <= set(lorazoo.variants()) and {t["seed"] for t in nlu} == {0}
     assert {t["task"] for t in quick} >= {"sentiment", "nlg_sentiment", "fashion"}
     for name in SUITES:
         validate(suite(name), known_tasks=["sentiment", "bbc", "nlg_sentiment", "fashion"])

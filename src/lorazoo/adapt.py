@@ -15,9 +15,9 @@ from .handle import AdapterHandle, handles_of
 from .layer import AdaptedLayer, Adapter, base_weights, set_module
 from .parts import BuildContext
 from .registry import SCALES
-from .saved import SavedModule
+from .saved import SavedModule, share_tied
 from .spec import AdapterSpec
-from .targets import select_targets
+from .targets import candidate_layers, select_targets
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -40,8 +40,12 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
 
     parts = spec.part_classes()
     form_cls = parts["form"]
-    layers = select_targets(model, spec.targets)
-    saved, layers = _resolve_saved(model, spec, layers)
+    selected: dict = {}  # base modules trained in place, by path: FT, BitFit, Adapter-H's norms (lorazoo.baselines)
+    for cls in parts.values():
+        if hasattr(cls, "select_saved"):  # parts (scales are plain functions)
+            selected.update(cls.select_saved(model, spec) or {})
+    layers = select_targets(model, spec.targets) if form_cls.adapts_layers else {}
+    saved, layers = _resolve_saved(model, spec, layers, selected)
 
     init = parts["init"](spec)
     check_embedding_spec(spec, init, layers)  # embeddings take LoRA and DoRA only (lorazoo.embedding)
@@ -51,13 +55,16 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     ranks = dict(ranks or {})
     shapes = {p: _shape(m) for p, m in layers.items()}
     _check_ranks(form_cls, spec, shapes, ranks)
-    fp = fingerprint(base_weights(layers))
+    fp = fingerprint(base_weights(layers or _linears_inside(model, saved)))
     if _initialize:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             init.prepare(model, {p: (m.base if isinstance(m, AdaptedLayer) else m) for p, m in layers.items()},
                          calibration)
         ranks.update(init.ranks() or {})
+        decided = init.decided_options()
+        if decided:  # recorded in the adapter's spec (a copy), so a load rebuilds the shapes without data
+            spec = init.spec = AdapterSpec.from_dict({**spec.to_dict(), **decided})
         _check_ranks(form_cls, spec, shapes, ranks)
 
     # --- from here on the model changes; any error undoes every change ------------------------
@@ -66,7 +73,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
     touched: list[AdaptedLayer] = []
     try:
         handle = _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls, _initialize,
-                         wrapped, touched, tied)
+                         wrapped, touched, tied, selected)
     except BaseException:
         for layer in reversed(touched):
             if isinstance(layer, SavedModule):
@@ -84,13 +91,13 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default",
 
 
 def _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls, initialize, wrapped, touched,
-            tied=None):
+            tied=None, selected=None):
     """Wrap the targets, build and initialize the adapter on each, give it its own copy of each
     saved module; record every change made."""
     for p in model.parameters():
         p.requires_grad_(False)
-    max_in = max(s[0] for s in shapes.values())
-    max_out = max(s[1] for s in shapes.values())
+    max_in = max((s[0] for s in shapes.values()), default=0)  # no layers: a parameter selection (FT, BitFit)
+    max_out = max((s[1] for s in shapes.values()), default=0)
     ctx = BuildContext(nn.ModuleDict(), name, max_in, max_out, spec.seed, shapes)
     first = None
     scale_fn = SCALES.get(spec.scale).obj
@@ -129,7 +136,8 @@ def _attach(model, spec, name, layers, saved, shapes, ranks, fp, init, form_cls,
             set_module(model, path, wrapper)
             wrapped.append((path, wrapper.original))
         touched.append(wrapper)
-        wrapper.add(name)
+        wrapper.add(name, train=(selected or {}).get(path))
+    share_tied([model.get_submodule(p) for p in saved], name)  # a tied head stays tied in the copies (FT)
     handle = AdapterHandle(model, name, spec, fp, {p: ranks.get(p, spec.rank) for p in layers})
     handle.activate()
     return handle
@@ -140,7 +148,7 @@ def _inside(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".")
 
 
-def _resolve_saved(model: nn.Module, spec: AdapterSpec, layers: dict) -> tuple[list[str], dict]:
+def _resolve_saved(model: nn.Module, spec: AdapterSpec, layers: dict, selected: dict = ()) -> tuple[list[str], dict]:
     """The paths ``spec.modules_to_save`` names, and the targets left beside them.
 
     A module cannot be both adapted and trained in full (its full copy would replace the adapted
@@ -148,15 +156,16 @@ def _resolve_saved(model: nn.Module, spec: AdapterSpec, layers: dict) -> tuple[l
     a target of this adapter or any adapted layer is refused, naming both. Only the generic
     selections "all-linear" and "all-conv" give way instead, as PEFT does: the layers inside saved
     modules are left out of the targets. A saved module cannot overlap another one either, nor sit
-    inside the original or the copies a ``SavedModule`` holds.
+    inside the original or the copies a ``SavedModule`` holds. ``selected`` adds exact module paths the
+    spec's parts select (``Part.select_saved``), checked the same way.
     """
     modules = dict(model.named_modules())
     wrappers = [p for p, m in modules.items() if isinstance(m, SavedModule)]
     adapted = [p for p, m in modules.items() if isinstance(m, AdaptedLayer)]
     generic = spec.targets in ("all-linear", "all-conv")
     saved: list[str] = []
-    for entry in spec.modules_to_save:
-        found = [n for n in modules if n and (n == entry or n.endswith("." + entry))]
+    for entry in [*spec.modules_to_save, *selected]:
+        found = [n for n in modules if n and (n == entry or (entry not in selected and n.endswith("." + entry)))]
         if not found:
             raise TargetError(f"modules_to_save entry {entry!r} names no module of the model")
         for n in found:
@@ -188,10 +197,20 @@ def _resolve_saved(model: nn.Module, spec: AdapterSpec, layers: dict) -> tuple[l
                                       f"keep only one of them")
             if n not in saved:
                 saved.append(n)
-    if not layers:
+    if not layers and spec.part_classes()["form"].adapts_layers:
         raise TargetError(f"targets {spec.targets!r} left no layer to adapt: every one is inside modules_to_save "
                           f"{spec.modules_to_save!r}")
     return saved, layers
+
+
+def _linears_inside(model: nn.Module, saved: list[str]) -> dict[str, nn.Module]:
+    """The linear and conv layers inside the saved modules: what fingerprints the base of an adapter that
+    adapts no layer (FT, BitFit), so a load onto another model is refused as for any adapter."""
+    found = {p: m for p, m in candidate_layers(model).items() if any(_inside(p, s) for s in saved)}
+    if not found:
+        raise TargetError(f"the modules this adapter trains ({', '.join(saved) or 'none'}) hold no linear or conv layer "
+                          f"to fingerprint the base model by")
+    return found
 
 
 def _shape(m: nn.Module) -> tuple[int, int]:

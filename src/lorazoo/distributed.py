@@ -10,7 +10,12 @@ builds the same adapter from the same spec and seed). lorazoo then
 * reads whole tensors out of FSDP2's sharded parameters (:func:`whole`).
 
 Schedules that act on the weights (AdaLoRA's masks from the all-reduced gradients, ReLoRA's merges)
-run the same on every rank because DDP and FSDP hand every rank the same gradients.
+run the same on every rank because DDP and FSDP hand every rank the same gradients. Under FSDP2 the
+adapter's parameters, gradients and optimizer states are sharded DTensors: elementwise updates run
+on each shard, and whatever ranks, reduces or draws over a whole tensor (AdaLoRA's triplet scores
+and orthogonality term, ReLoRA's merge, re-init and magnitude pruning) gathers it first
+(:func:`whole`, exact: the adapter's factors are small) and writes back this rank's shard
+(:func:`like`, :func:`reset_whole`), so every rank computes what one process computes.
 """
 from __future__ import annotations
 
@@ -39,6 +44,41 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     collective: every rank must call this); plain tensors come back as they are."""
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
+
+
+def like(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole tensor, the same on every rank) laid out as ``t``: this rank's shard of it,
+    as a DTensor with ``t``'s placements, when ``t`` is a sharded DTensor (no communication: each
+    rank cuts its own piece); ``full`` itself otherwise. For in-place updates of FSDP2's sharded
+    parameters and optimizer states by a value computed on whole tensors."""
+    if not callable(getattr(t, "full_tensor", None)):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def reset_whole(module: torch.nn.Module) -> None:
+    """``module.reset_parameters()`` drawing the values one process would draw: under FSDP2 the
+    sharded parameters are swapped for whole copies while it runs (a random init of a sharded
+    DTensor draws per shard, not the whole tensor's values), then each rank keeps its shard. The
+    parameter objects (which optimizers hold) stay the same. Collective when sharded."""
+    owners = [(m, n, p) for m in module.modules() for n, p in m._parameters.items()
+              if p is not None and callable(getattr(p, "full_tensor", None))]
+    if not owners:
+        module.reset_parameters()
+        return
+    copies = [torch.nn.Parameter(whole(p).clone(), requires_grad=p.requires_grad) for _, _, p in owners]
+    try:
+        for (m, n, _), c in zip(owners, copies):
+            m._parameters[n] = c
+        module.reset_parameters()
+    finally:
+        for m, n, p in owners:
+            m._parameters[n] = p
+    for (_, _, p), c in zip(owners, copies):
+        p.copy_(like(c.detach(), p))
 
 
 def world_size() -> int:

@@ -36,7 +36,7 @@ SCHEMA = {  # what a config must look like before anything else reads it
         "name": _NAME,
         "spec": {"type": "object"},
         "targets": {"type": "array", "items": {"type": "string"}},
-        "ranks": {"type": "object", "minProperties": 1,
+        "ranks": {"type": "object",  # empty for a parameter selection (FT, BitFit: lorazoo.baselines)
                   "additionalProperties": {"type": "integer", "minimum": 1, "maximum": 2**31}},
         "base_fingerprint": {"type": "string"},
         "fingerprint": {"type": "object", "minProperties": 1, "additionalProperties": {

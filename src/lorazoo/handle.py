@@ -66,9 +66,13 @@ class AdapterHandle:
             for k, p in ad.named_parameters():
                 if p.requires_grad:
                     yield f"{path}.{k}", p
-        for path, mod in self.saved_modules().items():
-            for k, p in mod.named_parameters():
-                yield f"{path}.{k}", p
+        seen = set()  # a tied weight two copies share (lorazoo.saved.share_tied) is one parameter
+        for path, wrapper in saved_wrappers(self.model).items():
+            if self.name in wrapper.copies:  # a copy's own parameters (BitFit shares the rest, lorazoo.baselines)
+                for k, p in wrapper.own_parameters(self.name):
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        yield f"{path}.{k}", p
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_trainable_parameters()]
@@ -185,9 +189,15 @@ class AdapterHandle:
         for path, ad in self.adapters().items():
             for k, v in ad.state_dict().items():
                 out[f"{path}.{k}"] = v
-        for path, mod in self.saved_modules().items():
-            for k, v in mod.state_dict().items():
-                out[f"{path}.{k}"] = v
+        seen = set()  # a weight tied across saved copies (lorazoo.saved.share_tied) is saved once
+        for path, wrapper in saved_wrappers(self.model).items():
+            if self.name in wrapper.copies:
+                for k, v in wrapper.saved_state(self.name).items():
+                    where = _storage(v)
+                    if where is not None and where in seen:
+                        continue
+                    seen.add(where)
+                    out[f"{path}.{k}"] = v
         return out
 
     def save(self, path, format: str = "lorazoo") -> None:
@@ -236,6 +246,14 @@ class AdapterHandle:
                 f"trainable={self.num_trainable():,})")
 
 
+def _storage(t: torch.Tensor):
+    """Where ``t``'s values live, to tell a tied tensor's second name; None when unknown (sharded, empty)."""
+    try:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
 def activate(model: nn.Module, *names: str) -> None:
     """Make exactly ``names`` the active adapters of ``model``, in this order of application."""
     known = handles_of(model)
@@ -256,8 +274,9 @@ def activate(model: nn.Module, *names: str) -> None:
                     p.requires_grad_(n in names and not getattr(p, "_lorazoo_frozen", False))
     for w in wrappers.values():
         w.active = next((n for n in names if n in w.copies), None)
-        for n, mod in w.copies.items():
-            mod.requires_grad_(n in names)
+        for n in w.copies:
+            for _, p in w.own_parameters(n):  # parameters shared with the original stay frozen
+                p.requires_grad_(n in names)
 
 
 def delete(model: nn.Module, name: str) -> None:

@@ -61,7 +61,7 @@ def load(model: nn.Module, path, name: str | None = None) -> AdapterHandle:
             f"still refuses another model but not a lightly fine-tuned one; outputs differ by the quantization "
             f"error", stacklevel=2)
     targets = sorted(config["ranks"])
-    spec_t = AdapterSpec.from_dict({**config["spec"], "targets": targets})
+    spec_t = AdapterSpec.from_dict({**config["spec"], "targets": targets or config["spec"].get("targets")})  # none: FT
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         handle = adapt(model, spec_t, name=name, ranks=config["ranks"], _initialize=False)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import like
 from .errors import LorazooError, NotMergeableError, TargetError
 from .parts import Form
 from .qbase import dequantize, is_quantized, requantize
@@ -54,7 +55,7 @@ class Adapter(nn.Module):
         """Add B @ A to the frozen ``weight`` (out, in) in place and record it in the base shift."""
         if self.tied_with:  # the weight is shared (tied embeddings): the shift would change those too
             raise TargetError(_tied_message("shift the base weight of", self.tied_with))
-        weight.add_(B.to(weight) @ A.to(weight))
+        weight.add_(like(B.to(weight) @ A.to(weight), weight))  # a sharded weight (FSDP2) adds its shard
         store = getattr(weight, "_lorazoo_store", None)  # a dequantized copy of a quantized base (lorazoo.qbase)
         if store is not None:
             store(weight)

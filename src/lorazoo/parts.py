@@ -60,6 +60,14 @@ class Part:
     def check_spec(cls, spec) -> None:
         """Raise SpecError when this part's options conflict with the spec's own fields (rank...)."""
 
+    @classmethod
+    def select_saved(cls, model: nn.Module, spec) -> dict | None:
+        """Base modules this part trains in place of (or beside) adapted layers: the parameter-selection
+        baselines and the layer norms Adapter-H trains (lorazoo.baselines). ``{module path: predicate
+        over that module's parameter names saying which train, or None for all}``; ``adapt`` adds the
+        paths to ``modules_to_save``. Raise SpecError for a model it cannot handle. Default: None."""
+        return None
+
 
 class Form(nn.Module, Part):
     """How the update is formed from trainable tensors.
@@ -76,6 +84,7 @@ class Form(nn.Module, Part):
     #                             so y must come without bias; additive forms only add to y
     zero_init: bool = True      # the paper starts from the base model (zero update or identity)
     rank_bound: str = "r"       # rank of the update as a function of r, for docs and tests
+    adapts_layers: bool = True  # False: the adapter trains base parameters only (FT, BitFit; lorazoo.baselines)
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
                  opts: dict[str, Any], ctx: "BuildContext"):
@@ -192,6 +201,18 @@ class Init(Part):
 
     def ranks(self) -> dict[str, int] | None:
         """Per-target ranks, when the init redistributes them (EVA)."""
+        return None
+
+    def decided_options(self) -> dict[str, Any]:
+        """Options this init decided from the data in ``prepare`` (E2LoRA's sharing intervals). ``adapt``
+        records them in the adapter's spec (a copy; the caller's spec is left alone), so the forms see
+        them and a load rebuilds the same shapes without data. Default: none."""
+        return {}
+
+    @classmethod
+    def summary(cls, handle: "AdapterHandle") -> dict | None:
+        """What the init decided, for the training output when the schedule reports nothing (see
+        :meth:`Schedule.summary`), as a JSON-able dict; None (the default) when there is nothing."""
         return None
 
     def apply(self, path: str, adapter: "Adapter", layer: "AdaptedLayer", weight: torch.Tensor) -> None:

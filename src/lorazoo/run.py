@@ -133,6 +133,8 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
         "python": platform.python_version(),
     }
     allocation = handle.schedule.summary(handle)  # rank allocators: the final ranks per layer
+    if allocation is None:  # or what the init decided (E2LoRA's sharing intervals and their ranks)
+        allocation = handle.spec.part_classes()["init"].summary(handle)
     if allocation is not None:
         result["schedule_summary"] = allocation
     if out_dir is not None:
@@ -159,11 +161,14 @@ def _canonical(value) -> str:
 
 
 def with_task_defaults(spec: AdapterSpec, task) -> AdapterSpec:
-    """``spec`` with the task's ``modules_to_save`` added (its fresh head must train and be saved)."""
+    """``spec`` with the task's ``modules_to_save`` added (its fresh head must train and be saved), and
+    the task's own targets in place of the default ``all-linear`` (Fashion's convolutions)."""
     missing = [m for m in task.modules_to_save if m not in spec.modules_to_save]
-    if not missing:
+    retarget = spec.targets == "all-linear" and task.targets != "all-linear"
+    if not missing and not retarget:
         return spec
-    return AdapterSpec.from_dict({**spec.to_dict(), "modules_to_save": [*spec.modules_to_save, *missing]})
+    return AdapterSpec.from_dict({**spec.to_dict(), "modules_to_save": [*spec.modules_to_save, *missing],
+                                  **({"targets": task.targets} if retarget else {})})
 
 
 def save_run(handle, task_config: dict, result: dict, out_dir) -> None:

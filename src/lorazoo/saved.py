@@ -31,12 +31,37 @@ class SavedModule(nn.Module):
         self.active: str | None = None   # the adapter whose copy runs (set by ``activate``)
         self.disabled: set[str] = set()  # adapters inside their ``disabled()`` block
 
-    def add(self, name: str) -> nn.Module:
-        """A fresh copy of the original for adapter ``name`` (frozen until it is activated)."""
+    def add(self, name: str, train=None) -> nn.Module:
+        """A fresh copy of the original for adapter ``name`` (frozen until it is activated).
+
+        ``train`` (a predicate over the module's parameter names; None: all) selects the parameters
+        the copy trains (BitFit's biases, lorazoo.baselines); the others stay the original's own
+        Parameter objects, shared, so they are stored once, never train and are not saved."""
         dup = copy.deepcopy(self.original)
         dup.requires_grad_(False)
+        if train is not None:
+            originals = dict(self.original.named_parameters(remove_duplicate=False))
+            for key in list(dict(dup.named_parameters(remove_duplicate=False))):
+                if not train(key):
+                    owner, _, leaf = key.rpartition(".")
+                    setattr(dup.get_submodule(owner) if owner else dup, leaf, originals[key])
         self.copies[name] = dup
         return dup
+
+    def own_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """The parameters of adapter ``name``'s copy that are its own (not shared with the original):
+        the ones it trains and saves."""
+        shared = {id(p) for p in self.original.parameters()}
+        return [(k, p) for k, p in self.copies[name].named_parameters() if id(p) not in shared]
+
+    def saved_state(self, name: str) -> dict:
+        """What adapter ``name`` saves of its copy: its whole state_dict, or only its own parameters when
+        it shares the others with the original (``add(train=...)``)."""
+        mod = self.copies[name]
+        own = self.own_parameters(name)
+        if len(own) == len(list(mod.parameters())):
+            return mod.state_dict()
+        return {k: p for k, p in own}
 
     def remove(self, name: str) -> None:
         del self.copies[name]
@@ -64,6 +89,21 @@ class SavedModule(nn.Module):
             if name in _OWN or name.startswith("_"):
                 raise
             return getattr(self.current(), name)
+
+
+def share_tied(wrappers: list[SavedModule], name: str) -> None:
+    """Keep a weight that several wrapped originals share (a tied embedding and output head) shared in
+    adapter ``name``'s copies too: each wrapper's copy is made apart, which would untie it."""
+    first: dict[int, nn.Parameter] = {}
+    for w in wrappers:
+        dup = w.copies[name]
+        for key, p in w.original.named_parameters(remove_duplicate=False):
+            q = dup.get_parameter(key)
+            if id(p) in first and first[id(p)] is not q:
+                owner, _, leaf = key.rpartition(".")
+                setattr(dup.get_submodule(owner) if owner else dup, leaf, first[id(p)])
+            else:
+                first.setdefault(id(p), q)
 
 
 def saved_wrappers(model: nn.Module) -> dict[str, SavedModule]:

@@ -1,6 +1,7 @@
 """lorazoo bench: training-step time, memory and inference cost of variants, optionally against PEFT."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 
@@ -37,7 +38,14 @@ def register(sub) -> None:
     p.add_argument("--mixed", type=int, metavar="K",
                    help="instead: K LoRA adapters served one per sample (mixed_batch) vs PEFT's adapter_names "
                         "and the base; use with --batch 32; writes mixed.md")
-    p.add_argument("--out", default="docs/bench", help="folder for bench.md/.json/.png (default docs/bench)")
+    p.add_argument("--mixed-seqs", metavar="S1,S2,...",
+                   help="with --mixed: tokens per sample to sweep, one table row group each (default: --seq)")
+    p.add_argument("--quant", action="store_true",
+                   help="instead: SmolLM2-135M's base in fp32, bf16, NF4 (bitsandbytes, torchao) and int8 (weight "
+                        "bytes, RSS) and LoRA's step time and peak RSS on fp32, bf16 and NF4 bases; uses --batch, "
+                        "--seq, --rank, --rounds...; writes quant.md and quant.json (default folder docs/bench/quant)")
+    p.add_argument("--out", default=None,
+                   help="folder for bench.md/.json/.png (default docs/bench; docs/bench/quant with --quant)")
     p.set_defaults(func=run)
 
 
@@ -56,16 +64,27 @@ def run(args) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.quant:
+        from ..study.bench_quant import run_quant, write_quant
+
+        result = run_quant(cfg, memory=not args.no_memory, jobs=args.mem_jobs, log=log)
+        print(write_quant(result, args.out or "docs/bench/quant").read_text())
+        return 0
+    out = args.out or "docs/bench"
     if args.mixed:
         from ..study.bench_mixed import run_mixed, write_mixed
 
-        path = write_mixed(run_mixed(cfg, args.mixed, log=log), args.out)
+        seqs = [int(x) for x in args.mixed_seqs.split(",") if x.strip()] if args.mixed_seqs else [cfg.seq]
+        if not seqs or min(seqs) < 1:
+            raise SystemExit(f"lorazoo bench: --mixed-seqs must list positive integers, got {args.mixed_seqs!r}")
+        runs = [run_mixed(dataclasses.replace(cfg, seq=n), args.mixed, log=log) for n in seqs]
+        path = write_mixed(runs, out)
         print(path.read_text())
         return 0
 
     result = run_bench(cfg, variants, against=args.against, memory=not args.no_memory,
                        mem_jobs=args.mem_jobs, paper_ranks=args.paper_ranks, compile=args.compile, log=log)
-    paths = write(result, args.out)
+    paths = write(result, out)
     if "png" not in paths:
         log("bench.png not written: the chart needs matplotlib (pip install 'lorazoo[study]')")
     print(paths["md"].read_text())

@@ -442,13 +442,16 @@ def _report(result: dict, out, as_json: bool) -> None:
     if summary is not None and "ranks" in summary:  # rank allocators: the final ranks per layer
         print(f"ranks per layer ({summary['total']} of {summary['capacity']} active): "
               + ", ".join(f"{p}={n}" for p, n in summary["ranks"].items()))
+    if summary is not None and "intervals" in summary:  # E2LoRA: the sharing intervals and their ranks
+        print(f"sharing intervals ({len(summary['intervals'])}; rank each): "
+              + ", ".join(f"{p}={n}" for p, n in summary["intervals"].items()))
     if as_json:
         print(json.dumps(result, indent=1))
 
 
 def main(args) -> int:
     from ..errors import LorazooError
-    from ..run import run
+    from ..run import run, with_task_defaults
     from ..tasks.base import get_task
     from ..train import check_trainer_options
 
@@ -461,8 +464,7 @@ def main(args) -> int:
         raise LorazooError(f"--limit must be >= 0 (0 = all), got {args.limit}")
     opts = task_options(args)
     task = get_task(args.task, limit=args.limit or None, seed=args.seed, options=opts)  # validates, reads the data
-    if args.targets is None and spec.targets == "all-linear" and task.targets != "all-linear":
-        spec = type(spec).from_dict({**spec.to_dict(), "targets": task.targets})
+    spec = with_task_defaults(spec, task)  # as run() does, so the written config says what runs
     trainer_opts = {"lr_schedule": args.lr_schedule, "warmup": args.warmup, "accumulation": args.accumulation,
                     "weight_decay": args.weight_decay}
     check_trainer_options(lr=args.lr, epochs=args.epochs, checkpoint_every=args.checkpoint_every, **trainer_opts)

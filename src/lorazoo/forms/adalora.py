@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import whole
 from ..parts import Form
 from ..registry import FORMS
 
@@ -57,9 +58,12 @@ class AdaLoRA(Form):
         return self.P * (self.singular_values() * self.scale), self.Q
 
     def orthogonality_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖PᵀP − I‖²_F, ‖QQᵀ − I‖²_F), differentiable."""
-        eye = torch.eye(self.rank, device=self.P.device, dtype=self.P.dtype)
-        return (self.P.T @ self.P - eye).square().sum(), (self.Q @ self.Q.T - eye).square().sum()
+        """(‖PᵀP − I‖²_F, ‖QQᵀ − I‖²_F), differentiable. Under FSDP2 (outside the forward P and Q
+        are sharded) on the gathered whole factors, so every rank computes one process's value and
+        gradient (the gather's backward hands each rank its shard of it)."""
+        P, Q = whole(self.P), whole(self.Q)
+        eye = torch.eye(self.rank, device=P.device, dtype=P.dtype)
+        return (P.T @ P - eye).square().sum(), (Q @ Q.T - eye).square().sum()
 
     def orthogonality(self) -> torch.Tensor:
         """R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (study Eq. 35), differentiable."""

@@ -37,22 +37,18 @@ import math
 
 import torch
 
+from ..analysis.spectrum import effective_rank as spectrum_effective_rank
 from ..errors import SpecError
 from ..parts import check_number
 from ..registry import INITS
-from .calibration import shape_of, work_dtype
+from .calibration import shape_of
 from .gora import GradientRankInit
 
 
 def effective_rank(G: torch.Tensor) -> float:
-    """Eq. 54: exp of the entropy of the normalized singular values, at least 1."""
-    s = torch.linalg.svdvals(G.to(work_dtype(G.dtype)))
-    total = s.sum()
-    if not total > 0:
-        return 1.0
-    p = s / total
-    p = p[p > 0]
-    return max(1.0, math.exp(float(-(p * p.log()).sum())))
+    """Eq. 54 (lorazoo.analysis.spectrum.effective_rank), floored at 1 as the official code: a zero
+    gradient gives 1 (one block)."""
+    return max(1.0, spectrum_effective_rank(G))
 
 
 def block_count(erank: float, r: int, max_power: int, n_in: int, n_out: int) -> int:

@@ -24,7 +24,7 @@ def preset(name, method, family, axes, paper, tier=1, **parts) -> Preset:
     return Preset(name, method, family, axes, paper, parts, tier)
 
 
-GROUPS = ("tier1", "tier2", "tier3_sharing", "tier3_rank", "tier3_experts", "tier3_forms", "tier3_training")
+GROUPS = ("tier1", "tier2", "tier3_sharing", "tier3_rank", "tier3_experts", "tier3_forms", "tier3_training", "baselines")
 
 
 def _collect() -> dict[str, Preset]:

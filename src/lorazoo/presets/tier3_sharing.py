@@ -16,4 +16,8 @@ PRESETS = [
     _p("bslora", "BSLoRA: local rank 2 + intra-layer (4) and inter-layer (8) shared pairs, Kronecker shape "
        "transforms (k = 256), s = 2", "II-B2", "form, share", "study Eq. 28-30 [52]", tier=3, form="bslora", rank=2,
        scale="constant", alpha=2, bslora_intra=4, bslora_inter=8, bslora_mode="kron", bslora_kron_size=256),
+    _p("e2lora", "E2LoRA: entropy-guided adaptive sharing: A, B shared within intervals of adjacent layers of "
+       "similar gradient proxy entropy, ranks per interval under half LoRA's parameters", "II-B2", "share",
+       "[55]; abstract + papernotes summary (no study equation)", tier=3, form="e2lora", init="e2lora",
+       e2lora_share="AB", e2lora_budget=0.5, e2lora_threshold=0.1, e2lora_entropy="spectral"),
 ]

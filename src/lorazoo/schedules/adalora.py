@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import like, whole
 from ..errors import LorazooError, SpecError
 from ..forms.adalora import AdaLoRA
 from ..parts import Schedule, check_number
@@ -176,9 +177,10 @@ class AdaLoRASchedule(Schedule):
                 u_bar.mul_(self.beta2).add_((sens - i_bar).abs(), alpha=1 - self.beta2)  # Eq. 42
 
     def score(self, path: str, name: str) -> torch.Tensor:
-        """s = Ī ⊙ Ū (Eq. 43) of one tensor, elementwise."""
+        """s = Ī ⊙ Ū (Eq. 43) of one tensor, elementwise; whole under FSDP2 (the EMAs are kept per
+        shard, as the sharded gradients they smooth; gathering them is collective)."""
         i_bar, u_bar = self.ema[(path, name)]
-        return i_bar * u_bar
+        return whole(i_bar * u_bar)
 
     def triplet_importance(self, path: str) -> torch.Tensor:
         """S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij) (Eq. 44), shape (r,)."""
@@ -193,7 +195,7 @@ class AdaLoRASchedule(Schedule):
         forms = [ad.form for ad in adapters.values()]
         if not self.is_masking_step(step):
             for form in forms:  # pruned λ stay zero (momentum would move them), as the authors' code
-                form.lam.mul_(form.rank_mask)
+                form.lam.mul_(like(form.rank_mask, form.lam))
             return
         keep_n = self.budget_at(step, forms)
         if keep_n >= sum(f.rank for f in forms):
@@ -209,7 +211,7 @@ class AdaLoRASchedule(Schedule):
         for form, k in zip(forms, keep.split([f.rank for f in forms])):
             k = k.to(form.rank_mask.device)
             form.rank_mask.copy_(k)
-            form.lam.masked_fill_(~k, 0.0)
+            form.lam.masked_fill_(like(~k, form.lam), 0.0)
 
     # --- checkpoint ---------------------------------------------------------------------------
     def state_dict(self):

@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from ..distributed import like, reset_whole, whole
 from ..errors import LorazooError, SpecError
 from ..parts import Form, Schedule, check_number
 from ..registry import SCHEDULES
@@ -146,8 +147,8 @@ class ReLoRA(Schedule):
         layers = handle.layers()
         for path, layer in layers.items():  # check all before changing any
             form = layer.adapters[handle.name].form
-            B, A = form.factors()
-            delta = form.delta_weight(layer.linear_weight())
+            B, A = (whole(t) for t in form.factors())  # under FSDP2 the gathered whole tensors
+            delta = whole(form.delta_weight(layer.linear_weight()))
             if not torch.allclose(delta, form.scale * B @ A, rtol=1e-3, atol=1e-3 * delta.abs().max().item()):
                 raise LorazooError(f"form '{form.part_name}' at {path!r}: its update is not s·B·A, so ReLoRA "
                                    f"cannot merge it through its factors; use form='lora'")
@@ -158,9 +159,9 @@ class ReLoRA(Schedule):
             torch.manual_seed(self.spec.seed * 100_003 + merged_rows + 1)
             for layer in layers.values():
                 ad = layer.adapters[handle.name]
-                B, A = ad.form.factors()
-                ad.shift_base(layer.linear_weight(), ad.form.scale * B, A)
-                ad.form.reset_parameters()
+                B, A = (whole(t) for t in ad.form.factors())
+                ad.shift_base(layer.linear_weight(), ad.form.scale * B, A)  # each rank adds its shard
+                reset_whole(ad.form)  # one process's draw, each rank keeps its shard (FSDP2)
         if optimizer is not None:
             for layer in layers.values():
                 for p in layer.adapters[handle.name].form.parameters():
@@ -173,11 +174,12 @@ class ReLoRA(Schedule):
         if fraction >= 1.0:
             del optimizer.state[p]
             return
+        # under FSDP2 the states are sharded like p: ranked over the whole tensor, each rank masks its shard
         moments = {k: v for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.shape == p.shape}
         second = moments.get("exp_avg_sq")
-        keep = None if second is None else magnitude_keep_mask(second, fraction)
+        keep = None if second is None else magnitude_keep_mask(whole(second), fraction)
         for v in moments.values():
-            v.mul_(magnitude_keep_mask(v, fraction) if keep is None else keep)
+            v.mul_(like(magnitude_keep_mask(whole(v), fraction) if keep is None else keep, v))
 
     # --- jagged cosine learning rate ----------------------------------------------------------
     def decay(self, t: float) -> float:

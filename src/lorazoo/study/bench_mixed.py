@@ -93,18 +93,23 @@ def _peft_copy(base, ours, adapters, cfg):
     return pm.eval()
 
 
-def write_mixed(result: dict, out) -> Path:
+def write_mixed(results: dict | list[dict], out) -> Path:
+    """mixed.md and mixed.json: one row group per run (a sweep over tokens per sample)."""
+    results = [results] if isinstance(results, dict) else list(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    c = result["config"]
+    c = results[0]["config"]
+    seqs = ", ".join(str(r["config"]["seq"]) for r in results)
     lines = [f"# lorazoo bench --mixed {c['adapters']}", "",
              f"{c['adapters']} LoRA adapters (r={c['rank']}) on a random-init Llama (hidden {c['hidden']}, "
-             f"{c['layers']} layers), one adapter per sample over a batch of {c['batch']} x {c['seq']} tokens; "
+             f"{c['layers']} layers), one adapter per sample over a batch of {c['batch']} samples of {seqs} tokens; "
              f"inference forward, median of {c['rounds']} interleaved rounds, {c['threads']} threads.", "",
-             "| way | forward ms | samples/s | ×base time | throughput ×PEFT |", "|---|---|---|---|---|"]
-    for r in result["rows"]:
-        x = "–" if r["throughput ×PEFT"] is None else f"{r['throughput ×PEFT']:.2f}"
-        lines.append(f"| {r['way']} | {r['forward ms']:.1f} | {r['samples/s']:.1f} | {r['×base time']:.2f} | {x} |")
+             "| tokens | way | forward ms | samples/s | ×base time | throughput ×PEFT |", "|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            x = "–" if r["throughput ×PEFT"] is None else f"{r['throughput ×PEFT']:.2f}"
+            lines.append(f"| {res['config']['seq']} | {r['way']} | {r['forward ms']:.1f} | {r['samples/s']:.1f} | "
+                         f"{r['×base time']:.2f} | {x} |")
     (out / "mixed.md").write_text("\n".join(lines) + "\n")
-    (out / "mixed.json").write_text(json.dumps(result, indent=1))
+    (out / "mixed.json").write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
     return out / "mixed.md"

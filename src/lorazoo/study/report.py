@@ -1,6 +1,7 @@
 """Tables and plots from a study file: metric against learning rate (one line per variant, per
-task), best learning rate and score per variant, loss curves, and the normalized area under the
-training-loss curve (LoRMA's convergence measure; lower converges faster).
+task), best learning rate and score per variant, loss curves, the normalized area under the
+training-loss curve (LoRMA's convergence measure; lower converges faster), and a "Findings"
+section with the papers' claims and their verdicts on this study's trials (``findings.py``).
 """
 from __future__ import annotations
 
@@ -8,73 +9,14 @@ import csv
 import json
 import math
 import re
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
+from ..analysis.curves import loss_auc
 from .errors import StudyError
 from .store import Store
+from .summary import FIXED_AXES, _mean, _sd, best_rows, summarize
 
-FIXED_AXES = ("task", "variant", "lr", "seed")
 LINESTYLES = ("-", "--", ":")
-
-
-def loss_auc(losses: list[float] | None) -> float:
-    """Area under the loss curve with steps rescaled to [0, 1] (trapezoids): the mean training
-    loss, comparable between runs of different lengths. NaN when there are no finite losses."""
-    ys = [float(y) for y in (losses or []) if y is not None and math.isfinite(float(y))]
-    if not ys:
-        return math.nan
-    if len(ys) == 1:
-        return ys[0]
-    return sum((a + b) / 2 for a, b in zip(ys, ys[1:])) / (len(ys) - 1)
-
-
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.fmean(xs) if xs else math.nan
-
-
-def _sd(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.stdev(xs) if len(xs) > 1 else math.nan
-
-
-def series_label(cfg: dict, extra_axes: list[str]) -> str:
-    """A line's name: the variant, plus any other axis the grid varies (``lora rank=4``)."""
-    return " ".join([str(cfg["variant"]), *(f"{k}={cfg.get(k)}" for k in extra_axes)])
-
-
-def summarize(trials: list[dict]) -> dict:
-    """Per task: per series (variant + varying axes): per lr the seeds' metrics, AUCs, curves."""
-    done = [t for t in trials if t["status"] == "done"]
-    extra: dict[str, list[str]] = {}  # per task: the other axes its trials vary
-    for task in {t["config"]["task"] for t in done}:
-        mine = [t for t in done if t["config"]["task"] == task]
-        keys = {k for t in mine for k in t["config"]} - set(FIXED_AXES)
-        extra[task] = sorted(k for k in keys if len({repr(t["config"].get(k)) for t in mine}) > 1)
-    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for t in done:
-        cfg = t["config"]
-        out[cfg["task"]][series_label(cfg, extra[cfg["task"]])][float(cfg["lr"])].append(t)
-    return {"extra_axes": extra, "tasks": out}
-
-
-def best_rows(series: dict) -> list[dict]:
-    """Best learning rate (highest mean metric over seeds) and its numbers, per series."""
-    rows = []
-    for name, by_lr in series.items():
-        cands = [(lr, _mean([t["metric"] for t in ts])) for lr, ts in by_lr.items()]
-        finite = [c for c in cands if math.isfinite(c[1])]
-        lr, score = max(finite, key=lambda c: c[1]) if finite else (min(by_lr), math.nan)
-        ts = by_lr[lr]
-        rows.append({"series": name, "best_lr": lr, "metric": score, "sd": _sd([t["metric"] for t in ts]),
-                     "seeds": len(ts), "before": _mean([t["metric_before"] for t in ts]),
-                     "auc": _mean([loss_auc(t["losses"]) for t in ts]),
-                     "wall": _mean([t["wall_seconds"] for t in ts]),
-                     "peak": max((t["peak_rss_mb"] or 0 for t in ts), default=0),
-                     "params": ts[0]["trainable_params"]})
-    return sorted(rows, key=lambda r: (-r["metric"] if math.isfinite(r["metric"]) else math.inf, r["series"]))
 
 
 def _fmt(x, spec: str = ".4f") -> str:
@@ -142,6 +84,11 @@ def markdown(study: dict, trials: list[dict], counts: dict, images: dict | None 
         for kind, alt in (("metric_vs_lr", f"{metric} against learning rate"), ("loss", "loss curves")):
             if images and (task, kind) in images:
                 parts += [f"![{task}: {alt}]({images[(task, kind)]})", ""]
+    from .findings import markdown as findings_markdown
+
+    section = findings_markdown(trials)  # the papers' claims checked, when the study has their trials
+    if section:
+        parts += [section, ""]
     failed = [t for t in trials if t["status"] == "failed"]
     if failed:
         parts += ["## Failed trials", "",

@@ -9,7 +9,10 @@ Each trial checkpoints into its own folder, ``<db>.trials/<trial id>`` (every ``
 steps, when its trial function can: see ``trial.resume_options``), so a trial killed mid-way resumes
 from its last checkpoint on the next run instead of starting over. The folder is removed once the
 trial is done; a failed trial keeps it, so its retry resumes too. With the Ray backend the folder
-must be on storage the workers share, else each retry starts over.
+must be on storage the workers share, else each retry starts over. A trial whose config says
+``keep_adapter: true`` (a study option, see ``grid.STUDY_OPTIONS``) saves its adapter into that
+folder, which is then moved, without its checkpoints, to ``<db>.adapters/<trial id>`` (its path is
+recorded as ``adapter_dir`` in the trial's result) for analyses of the adapters.
 """
 from __future__ import annotations
 
@@ -33,6 +36,22 @@ CHECKPOINT_EVERY = 50  # steps between a trial's checkpoints (small adapters: a 
 def trial_dir(db: str | os.PathLike, tid: str) -> Path:
     """The folder trial ``tid`` of the study file ``db`` checkpoints into."""
     return Path(f"{os.fspath(db)}.trials") / tid
+
+
+def adapter_dir(db: str | os.PathLike, tid: str) -> Path:
+    """Where trial ``tid`` of the study file ``db`` keeps its saved adapter (``keep_adapter: true``)."""
+    return Path(f"{os.fspath(db)}.adapters") / tid
+
+
+def keep_folder(folder: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """Move a finished trial's ``folder`` (its saved adapter) to ``dest``, without its checkpoints."""
+    from ..run import CHECKPOINTS
+
+    shutil.rmtree(Path(folder) / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)  # a rerun of the same trial replaces the old copy
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(os.fspath(folder), os.fspath(dest))
+    return os.fspath(dest)
 
 
 def default_threads(workers: int) -> int:
@@ -119,9 +138,12 @@ def run_study(db: str | os.PathLike, config: dict, *, workers: int = 1, backend:
             skip = {"done"} if retry_failed else {"done", "failed"}
             rows = store.trials(name)
             todo = [t for t in rows if t["id"] in wanted and t["status"] not in skip]
-            if checkpoint_every:
-                for t in todo:
-                    t["resume"] = {"trial_dir": str(trial_dir(db, t["id"])), "checkpoint_every": checkpoint_every}
+            for t in todo:
+                keep = bool(t["config"].get("keep_adapter"))
+                if checkpoint_every or keep:
+                    t["resume"] = {"trial_dir": str(trial_dir(db, t["id"])), "checkpoint_every": checkpoint_every or None}
+                if keep:
+                    t["resume"].update(keep_adapter=True, adapter_dir=str(adapter_dir(db, t["id"])))
             extra = len(rows) - len(wanted)
             log(f"study {name!r} in {db}: {len(trials)} trials ({new} new), {len(trials) - len(todo)} "
                 f"finished, {len(todo)} to run" + (f" ({requeued} interrupted)" if requeued else "")
@@ -144,10 +166,14 @@ def _run(store: Store, name: str, runner, todo: list[dict], trial_fn: str, log) 
         started.add(tid)
 
     folders = {t["id"]: t["resume"]["trial_dir"] for t in todo if t.get("resume")}
+    keep = {t["id"]: t["resume"]["adapter_dir"] for t in todo if (t.get("resume") or {}).get("keep_adapter")}
 
     def on_finish(tid: str, outcome: dict) -> None:
+        if outcome.get("status") == "done" and tid in keep and isinstance(outcome.get("result"), dict):
+            if Path(folders[tid]).is_dir():
+                outcome["result"]["adapter_dir"] = keep_folder(folders[tid], keep[tid])
         store.finish(name, tid, outcome)
-        if outcome.get("status") == "done" and tid in folders:
+        if outcome.get("status") == "done" and tid in folders and tid not in keep:
             shutil.rmtree(folders[tid], ignore_errors=True)
         started.discard(tid)
         n_done[0] += 1

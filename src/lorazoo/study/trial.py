@@ -87,13 +87,17 @@ RESUME_ARGS = ("out_dir", "checkpoint_every", "resume")
 def resume_options(fn, kwargs: dict, payload: dict) -> dict:
     """The keyword arguments that make ``fn`` checkpoint into the trial's folder and resume from it:
     none when the payload has no folder, when ``fn`` does not take all of :data:`RESUME_ARGS`, or
-    when the trial's own config already sets one of them."""
-    folder, every = payload.get("trial_dir"), payload.get("checkpoint_every")
-    if not folder or not every or any(k in kwargs for k in RESUME_ARGS):
+    when the trial's own config already sets one of them.
+    A trial whose payload says ``keep_adapter`` gets ``out_dir`` (its adapter is saved there and
+    kept by the runner) even with checkpoints off."""
+    folder, every, keep = payload.get("trial_dir"), payload.get("checkpoint_every"), payload.get("keep_adapter")
+    if not folder or not (every or keep) or any(k in kwargs for k in RESUME_ARGS):
         return {}
     params = inspect.signature(fn).parameters
     if not all(k in params for k in RESUME_ARGS):
         return {}
+    if not every:
+        return {"out_dir": folder}
     return {"out_dir": folder, "checkpoint_every": int(every), "resume": True}
 
 
