@@ -209,3 +209,10 @@ def test_bench_mixed_sweeps_tokens_per_sample(tmp_path):
         if "peft adapter_names" in rows:
             assert rows["peft adapter_names"]["throughput ×PEFT"] == 1
     assert (out / "mixed.md").read_text().count("| lorazoo mixed_batch |") == 2
+
+
+def test_a_method_the_bench_model_refuses_is_skipped_with_its_reason():
+    """BitFit on the bench's Llama (no biases) is listed as skipped before anything is timed."""
+    methods, skipped = plan(BenchConfig(), ["bitfit", "full_ft"])
+    assert [m.key for m in methods] == ["floor", "lorazoo:lora", "lorazoo:full_ft"]
+    assert "no biases" in skipped["lorazoo:bitfit"]

@@ -107,6 +107,9 @@ def plan(cfg: BenchConfig, variants: Iterable[str] | None = None,
         variants = at_paper_ranks(variants, cfg.rank)
     labels = list(dict.fromkeys([REFERENCE, *variants]))
     ours = [Method(label, "lorazoo", parse_spec(label, cfg).to_dict()) for label in labels]
+    refused = _refused_by_the_model(ours, cfg)
+    skipped.update(refused)
+    ours = [m for m in ours if m.key not in refused]
     methods = [FLOOR, *ours]
     if compile:
         methods += [Method(m.label, COMPILED, m.spec) for m in ours]
@@ -124,6 +127,27 @@ def plan(cfg: BenchConfig, variants: Iterable[str] | None = None,
         if not any(m.impl == "peft" and m.label == REFERENCE for m in methods):
             raise LorazooError("PEFT's LoRA could not be set up; it is the reference of the PEFT rows")
     return methods, skipped
+
+
+def _refused_by_the_model(methods: list[Method], cfg: BenchConfig) -> dict[str, str]:
+    """Methods whose parts refuse the bench's Llama itself (BitFit: it has no biases), with the reason,
+    found before any timing or memory process starts."""
+    from ..parts import Part
+    from .bench_runner import build_base
+
+    base, out = None, {}
+    for m in methods:
+        spec = m.adapter_spec()
+        for part in spec.part_classes().values():
+            own = getattr(getattr(part, "select_saved", None), "__func__", None)
+            if own is None or own is Part.select_saved.__func__:
+                continue  # not a Part class, or the default: adapts layers only, nothing model-specific
+            base = base if base is not None else build_base(cfg)
+            try:
+                part.select_saved(base, spec)
+            except SpecError as e:
+                out[m.key] = str(e)
+    return out
 
 
 # --- measurements -----------------------------------------------------------------------------
