@@ -57,13 +57,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
-
 from ..errors import SpecError
 from ..parts import Form, check_choice
 from ..registry import FORMS
-from .sharelora import SHARES, ShareLoRA, shared_factors
+from .sharelora import SHARES, ShareLoRA
 
 
 def block_key(path: str) -> str:
@@ -157,14 +154,8 @@ class E2LoRA(ShareLoRA):
             raise SpecError(f"layer {ctx.path!r} has rank {rank} but its interval {interval_label(intervals[k])!r} "
                             f"has rank {ranks[k]} in e2lora_ranks")
         self.interval = k
-        self.share, self.scope = opts.get("e2lora_share", "AB"), "type"
-        self.bank_key, _ = shared_factors(self, ctx, f"e2lora_i{k}", self.share, "type", rank)
-        if "A" not in self.share:
-            self.A = nn.Parameter(torch.empty(rank, in_features))
-        if "B" not in self.share:
-            self.B = nn.Parameter(torch.empty(out_features, rank))
-        self.up_params = ("B",) if "B" not in self.share else (f"_bank_{self.bank_key}.B",)
-        self.reset_parameters()
+        self.build_factors(ctx, f"e2lora_i{k}", opts.get("e2lora_share", "AB"), "type", in_features, out_features,
+                           rank)
 
     @classmethod
     def validate(cls, opts):

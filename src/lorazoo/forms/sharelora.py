@@ -83,14 +83,19 @@ class ShareLoRA(Form):
 
     def __init__(self, in_features, out_features, rank, scale, opts, ctx):
         super().__init__(in_features, out_features, rank, scale, opts, ctx)
-        self.share = opts.get("sharelora_share", "A")
-        self.scope = opts.get("sharelora_scope", "type")
-        self.bank_key, _ = shared_factors(self, ctx, "sharelora", self.share, self.scope, rank)
-        if "A" not in self.share:
+        self.build_factors(ctx, "sharelora", opts.get("sharelora_share", "A"), opts.get("sharelora_scope", "type"),
+                           in_features, out_features, rank)
+
+    def build_factors(self, ctx, bank: str, share: str, scope: str, in_features: int, out_features: int,
+                      rank: int) -> None:
+        """The shared factors (``share``: "A", "B" or "AB") from bank ``bank`` per ``scope``, own ones for the rest."""
+        self.share, self.scope = share, scope
+        self.bank_key, _ = shared_factors(self, ctx, bank, share, scope, rank)
+        if "A" not in share:
             self.A = nn.Parameter(torch.empty(rank, in_features))
-        if "B" not in self.share:
+        if "B" not in share:
             self.B = nn.Parameter(torch.empty(out_features, rank))
-        self.up_params = ("B",) if "B" not in self.share else (f"_bank_{self.bank_key}.B",)
+        self.up_params = ("B",) if "B" not in share else (f"_bank_{self.bank_key}.B",)
         self.reset_parameters()
 
     @classmethod
