@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lorazoo
-from tiny import TinyNet, adapted, layer_input, perturb, tiny_data
+from tiny import TinyNet, adapted, assert_layer_update, perturb, tiny_data
 
 OPTS = dict(schedule="alora", alora_total_steps=20, alora_warmup_steps=4, alora_interval=5, alora_rounds=3,
             alora_prune=2)
@@ -27,12 +27,7 @@ def test_matches_dense_reference():
     form.rank_mask.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
     A, B, m = form.A.detach(), form.B.detach(), form.rank_mask
     delta = 1.5 * sum(m[i] * torch.outer(B[:, i], A[i]) for i in range(4))
-    x = layer_input()
-    W0, b = layer.base.weight.detach(), layer.base.bias.detach()
-    torch.testing.assert_close(layer(x), x @ (W0 + delta).T + b, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(form.delta_weight(W0), delta, rtol=1e-9, atol=1e-12)
-    up, down = form.update_factors(W0)  # the factored update for per-sample serving
-    torch.testing.assert_close(up @ down, delta, rtol=1e-9, atol=1e-12)
+    assert_layer_update(layer, form, delta)
 
 
 def test_zero_update_at_init():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lorazoo
-from tiny import TinyNet, adapted, layer_input, perturb, tiny_data
+from tiny import TinyNet, adapted, assert_layer_update, perturb, tiny_data
 
 OPTS = dict(schedule="increlora", increlora_init_rank=1, increlora_target_rank=3, increlora_rank_per_step=1,
             increlora_top_h=1, increlora_interval=2, increlora_warmup_steps=1, increlora_new_warmup=3)
@@ -22,12 +22,7 @@ def test_matches_dense_reference():
     P, lam, Q = (t.detach() for t in (form.P, form.lam, form.Q))
     use = [1.0, 1.0, 0.0, 0.0]  # the active rank and the reserve rank (advance learning)
     delta = form.scale * sum(use[i] * lam[i] * torch.outer(P[:, i], Q[i]) for i in range(4))  # Eq. 45
-    x = layer_input()
-    W0, b = layer.base.weight.detach(), layer.base.bias.detach()
-    torch.testing.assert_close(layer(x), x @ (W0 + delta).T + b, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(form.delta_weight(W0), delta, rtol=1e-9, atol=1e-12)
-    up, down = form.update_factors(W0)  # the factored update for per-sample serving
-    torch.testing.assert_close(up @ down, delta, rtol=1e-9, atol=1e-12)
+    assert_layer_update(layer, form, delta)
 
 
 def test_initial_ranks_reserve_and_near_zero_update():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorazoo
-from tiny import TinyNet, adapted, layer_input, perturb, tiny_data
+from tiny import TinyNet, adapted, assert_layer_update, layer_input, perturb, tiny_data
 
 TAU, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 OPTS = dict(schedule="salora", salora_total_steps=20, salora_final_steps=6, salora_target_rank=2)
@@ -41,12 +41,7 @@ def test_eval_output_and_delta_match_dense_reference():
     gates = [_gate(la[i].item()) * form.rank_mask[i].item() for i in range(4)]
     delta = _delta(form, gates)
     assert (6 / 4) == form.scale
-    x = layer_input()
-    W0, b = layer.base.weight.detach(), layer.base.bias.detach()
-    torch.testing.assert_close(layer(x), x @ (W0 + delta).T + b, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(form.delta_weight(W0), delta, rtol=1e-9, atol=1e-12)
-    up, down = form.update_factors(W0)  # the factored update for per-sample serving
-    torch.testing.assert_close(up @ down, delta, rtol=1e-9, atol=1e-12)
+    assert_layer_update(layer, form, delta)
 
 
 def test_training_forward_draws_the_hard_concrete_gate():

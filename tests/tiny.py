@@ -93,6 +93,17 @@ def layer_input(n: int = 5, features: int = 16, seed: int = 11, dtype=torch.floa
     return torch.randn(n, features, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def assert_layer_update(layer, form, delta: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    """The adapted layer computes W0 + ``delta`` (a dense reference written from the paper), and so do the
+    form's ``delta_weight`` and its factored update for per-sample serving (``update_factors``)."""
+    x = layer_input() if x is None else x
+    W0, b = layer.base.weight.detach(), layer.base.bias.detach()
+    torch.testing.assert_close(layer(x), x @ (W0 + delta).T + b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(form.delta_weight(W0), delta, rtol=1e-9, atol=1e-12)
+    up, down = form.update_factors(W0)
+    torch.testing.assert_close(up @ down, delta, rtol=1e-9, atol=1e-12)
+
+
 def op_shapes(fn) -> set:
     """Shapes of every tensor the aten ops inside ``fn()`` produce (forward and backward), to check
     that a form never materializes its (out, in) update."""
