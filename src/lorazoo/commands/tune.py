@@ -13,8 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-OWN = ("model", "data", "eval_data", "eval_split", "task_type", "text_column", "label_column", "prompt_column",
-       "response_column")
+from .train import OWN_DATA_FLAGS as OWN  # the flags of your own model and data, as lorazoo train has them
 
 
 def register(sub) -> None:
