@@ -539,15 +539,12 @@ def check_lora_rank(trials: list[dict]) -> Verdict:
     return Verdict(HOLDS, ours, "rank 1 is within 0.4 points (plus 2 SE) of the best rank")
 
 
-def _analysis(what: str, suite_: str) -> Callable[[list[dict]], Verdict]:
+def _on_weights(name: str) -> Callable[[list[dict]], Verdict]:
+    """A check of findings_weights (the analyses of kept adapters), imported when it runs."""
     def check(trials: list[dict]) -> Verdict:
-        kept = [t for t in _done(trials) if (t.get("result") or {}).get("adapter_dir")]
-        if not kept:
-            return Verdict(NOT_RUN, "", f"no kept adapters (run the {suite_} suite, whose trials keep theirs)")
-        folder = str(kept[0]["result"]["adapter_dir"]).rsplit("/", 1)[0]
-        return Verdict(UNTESTABLE, f"{len(kept)} kept adapters in {folder}",
-                       f"{what} is an analysis of the saved adapters, not a trial metric: run `lorazoo analyze` "
-                       f"(lorazoo.analysis) on them")
+        from . import findings_weights
+
+        return getattr(findings_weights, name)(trials)
     return check
 
 
@@ -600,11 +597,19 @@ FINDINGS: list[Finding] = [
             check_lora_rank),
     Finding("lora_subspace", "Subspace similarity of r=8 and r=64", "LoRA, Eq. 4, Figs. 3-4",
             "the top directions of A_{r=8} lie in A_{r=64} (phi > 0.5 for dimension 1); seeds share few",
-            "GPT-3 layer 48, W_q and W_v", "lora_paper", _analysis("subspace similarity", "lora_paper")),
+            "GPT-3 layer 48, W_q and W_v", "lora_paper", _on_weights("check_subspace")),
     Finding("lora_amplification", "Amplification factor", "LoRA, Table 7",
             "ΔW amplifies directions of W that W does not emphasize",
             "r=4: ||ΔW||_F / ||U^T W V^T||_F = 6.91/0.32 = 21.6; r=64: 3.57/1.90 = 1.9", "lora_paper",
-            _analysis("the amplification factor", "lora_paper")),
+            _on_weights("check_amplification")),
+    Finding("lorma_rank", "Rank of LoRMA's ΔW", "LoRMA, Table 15",
+            "ΔW has rank at most r for LoRA and LoRMA+, almost full for LoRMA-π",
+            "RoBERTa-large layer 13, CoLA, r=8: LoRA 8, LoRMA+ 8, LoRMA-π 1021 (of 1024)", "lorma",
+            _on_weights("check_lorma_rank")),
+    Finding("lorma_correlation", "LoRMA's ΔW correlates with LoRA's", "LoRMA, Table 9",
+            "ΔW of LoRMA+ and LoRMA-π is aligned with LoRA's ΔW, compared to a random matrix",
+            "RoBERTa-large layers 3/23: cosine 0.074/0.068 (LoRMA+), 0.004/0.0003 (LoRMA-π), random 1e-4",
+            "lorma", _on_weights("check_lorma_correlation")),
 ]
 
 
