@@ -38,7 +38,7 @@ def trial(task, spec, *, lr, epochs=1, batch_size=16, limit=None, seed=0, progre
     return result
 
 
-def tiny_run(task, spec, *, out_dir=None, checkpoint_every=None, resume=False, **kwargs):
+def tiny_run(task, spec, *, out_dir=None, checkpoint_every=None, resume=False, metrics_before=None, **kwargs):
     """lorazoo's ``run`` on the tiny task, which this process registers. With ``STUDY_KILL_AT=N`` the
     process kills itself (SIGKILL) right after its first checkpoint at step >= N, once: a marker file
     next to the log remembers it. Each call appends to ``STUDY_FAKE_LOG`` the checkpoint it started
@@ -68,5 +68,7 @@ def tiny_run(task, spec, *, out_dir=None, checkpoint_every=None, resume=False, *
     start = latest_checkpoint(os.path.join(out_dir, CHECKPOINTS)) if out_dir else None
     if log:
         with open(log, "a") as f:
-            f.write(json.dumps({"out_dir": out_dir, "from": start and start.name}) + "\n")
-    return run(task, spec, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume, **kwargs)
+            f.write(json.dumps({"out_dir": out_dir, "from": start and start.name, "variant": spec.form,
+                                "given_before": metrics_before is not None}) + "\n")
+    return run(task, spec, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume,
+               metrics_before=metrics_before, **kwargs)

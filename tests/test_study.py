@@ -383,3 +383,43 @@ def test_trial_functions_without_checkpoint_arguments_run_as_before(tmp_path):
     assert resume_options(tiny_run, {}, {}) == {}
     with pytest.raises(StudyError, match="checkpoint_every must be"):
         run_study(tmp_path / "x.sqlite", config(), checkpoint_every=-1, log=quiet)
+
+
+def test_the_base_is_evaluated_once_per_seed_and_handed_to_later_trials(tmp_path, monkeypatch):
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("STUDY_FAKE_LOG", str(log))
+    study = {"name": "b", "trial_fn": "study_fake:tiny_run",
+             "grid": {"task": ["tiny_ckpt"], "variant": ["lora", "nzlora", "dora"], "lr": [0.02, 0.05], "seed": [0, 1]},
+             "fixed": {"rank": 4, "epochs": 1, "batch_size": 16}}
+    assert run_study(tmp_path / "b.sqlite", study, checkpoint_every=0, known_tasks=["tiny_ckpt"], log=quiet)["done"] == 12
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c["given_before"] for c in calls].count(False) == 2  # the first trial of each seed (its key) measures
+    with Store(tmp_path / "b.sqlite") as s:
+        rows = s.trials("b")
+    by_seed = {}
+    for t in rows:
+        res = t["result"]
+        assert res["before_is_base"] == (t["config"]["variant"] != "nzlora")  # NZLoRA starts off the base
+        by_seed.setdefault(t["config"]["seed"], []).append(res)
+    for results in by_seed.values():
+        base = [r["metrics_before"] for r in results if r["before_is_base"]]
+        assert len(base) == 4 and all(b == base[0] for b in base)
+        own = [r["metrics_before"]["loss"] for r in results if not r["before_is_base"]]
+        assert len(own) == 2 and all(abs(x - base[0]["loss"]) > 1e-6 for x in own)  # measured, not handed
+
+
+def test_run_uses_given_base_metrics_only_for_adapters_that_start_as_the_base(monkeypatch):
+    from tiny import TinyTask
+
+    import lorazoo
+    from lorazoo.run import run
+    from lorazoo.tasks.base import TASKS
+
+    monkeypatch.setitem(TASKS, TinyTask.name, TinyTask)
+    kw = dict(lr=0.02, epochs=0.25, batch_size=16, progress=False)
+    measured = run("tiny_ckpt", lorazoo.AdapterSpec(form="lora", rank=4), **kw)["metrics_before"]
+    given = {k: v + 1.0 for k, v in measured.items()}
+    got = run("tiny_ckpt", lorazoo.AdapterSpec(form="lora", rank=4), metrics_before=given, **kw)
+    assert got["metrics_before"] == given and got["before_is_base"]
+    nz = run("tiny_ckpt", lorazoo.AdapterSpec.preset("nzlora", rank=4), metrics_before=given, **kw)
+    assert nz["metrics_before"] != given and not nz["before_is_base"]

@@ -35,7 +35,7 @@ TRAINER_OPTIONS = {"lr_schedule": "linear", "warmup": 0.1, "accumulation": 1, "w
 def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_size: int = 16,
         limit: int | None = None, seed: int = 0, out_dir: str | None = None, progress: bool = True,
         checkpoint_every: int | None = None, resume: bool = False, quantize: str | None = None,
-        **task_options) -> dict:
+        metrics_before: dict | None = None, **task_options) -> dict:
     """Build the task's model, adapt it with ``spec``, train, evaluate before and after.
 
     ``task_options`` go to the task (``max_length=64``, ``test_size=1000``...), except the
@@ -53,7 +53,12 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
     finished run's ``result.json`` is returned as it is.
     ``quantize`` ("nf4", "fp4", "int8", "torchao-nf4"; see :mod:`lorazoo.quantize`) quantizes the task's
     model before adapting it (QLoRA).
-    Returns a JSON-serializable dict (see the keys below).
+    ``metrics_before``: the base model's metrics on this task's test split, measured by an earlier
+    run with the same task, seed and task options (a study passes them on, see
+    ``study.grid.before_key``); used instead of the "before" evaluation when the spec's init starts
+    as the base model (within rounding), so the same base is not evaluated once per variant.
+    Returns a JSON-serializable dict (see the keys below); ``before_is_base`` says whether its
+    ``metrics_before`` are the base model's.
     """
     if not isinstance(spec, AdapterSpec):
         raise LorazooError(f"spec must be a lorazoo.AdapterSpec, got {type(spec).__name__}")
@@ -99,6 +104,9 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
     before = None
     if latest is not None:  # measured before the run was killed
         before = read_checkpoint(latest)[1].get("extra", {}).get("metrics_before")
+    starts_as_base = spec.part_classes()["init"].starts_as_base
+    if before is None and metrics_before is not None and starts_as_base:
+        before = metrics_before
     if before is None:
         before = t.evaluate(model)
 
@@ -122,6 +130,7 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
         "metric_before": float(before[t.metric]),
         "metric": float(after[t.metric]),
         "metrics_before": before,
+        "before_is_base": bool(starts_as_base),
         "metrics_per_epoch": hist["metrics_per_epoch"],
         "losses": hist["losses"],
         "steps": hist["steps"],

@@ -143,6 +143,20 @@ def call_args(cfg: dict) -> tuple[str, Any, dict]:
     return task, spec, rest
 
 
+# run() keywords that do not change the model or test split the "before" evaluation sees
+NOT_BEFORE = ("lr", "epochs", "checkpoint_every", "progress")
+
+
+def before_key(cfg: dict) -> str:
+    """Trials with equal keys evaluate the same base model on the same test split before training
+    (same task, seed, task options and quantization; the adapter and training options left out)."""
+    from ..run import TRAINER_OPTIONS
+
+    task, _, rest = call_args(cfg)
+    return json.dumps({"task": task, **{k: v for k, v in rest.items() if k not in NOT_BEFORE + tuple(TRAINER_OPTIONS)}},
+                      sort_keys=True)
+
+
 def validate(config: dict, known_tasks: Iterable[str] | None = None) -> list[dict]:
     """Expand and check every trial; raise GridError listing the problems before any trial runs.
 

@@ -13,6 +13,11 @@ must be on storage the workers share, else each retry starts over. A trial whose
 ``keep_adapter: true`` (a study option, see ``grid.STUDY_OPTIONS``) saves its adapter into that
 folder, which is then moved, without its checkpoints, to ``<db>.adapters/<trial id>`` (its path is
 recorded as ``adapter_dir`` in the trial's result) for analyses of the adapters.
+
+The base model's "before" metrics are measured once per ``grid.before_key`` (task, seed, task
+options): a trial that starts after another with the same key has finished gets them in its payload,
+and ``run`` uses them instead of evaluating again when its adapter starts as the base model (a
+sixth of a trial on the paper suite).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import StudyError
-from .grid import label, normalize_study, trial_id, validate
+from .grid import before_key, label, normalize_study, trial_id, validate
 from .process import collect, spawn
 from .store import Store
 
@@ -156,19 +161,39 @@ def run_study(db: str | os.PathLike, config: dict, *, workers: int = 1, backend:
     return counts
 
 
+def _base_metrics(rows: list[dict]) -> dict[str, dict]:
+    """{before_key: the base model's metrics} from done trials that measured them (``before_is_base``)."""
+    out = {}
+    for t in rows:
+        res = t.get("result") or {}
+        if t["status"] == "done" and res.get("before_is_base") and res.get("metrics_before") is not None:
+            out.setdefault(before_key(t["config"]), res["metrics_before"])
+    return out
+
+
 def _run(store: Store, name: str, runner, todo: list[dict], trial_fn: str, log) -> None:
     total, n_done, last_beat = len(todo), [0], [time.time()]
     started: set[str] = set()
     configs = {t["id"]: t["config"] for t in todo}
+    by_id = {t["id"]: t for t in todo}
+    base = _base_metrics(store.trials(name))  # grows as trials finish
 
     def on_start(tid: str, worker: str) -> None:
+        """Mark the trial running; hand it the base model's metrics if a trial has measured them (the
+        backends read ``t["resume"]`` into the payload after this)."""
         store.mark_running(name, tid, worker)
         started.add(tid)
+        known = base.get(before_key(configs[tid]))
+        if known is not None:
+            by_id[tid]["resume"] = {**(by_id[tid].get("resume") or {}), "metrics_before": known}
 
     folders = {t["id"]: t["resume"]["trial_dir"] for t in todo if t.get("resume")}
     keep = {t["id"]: t["resume"]["adapter_dir"] for t in todo if (t.get("resume") or {}).get("keep_adapter")}
 
     def on_finish(tid: str, outcome: dict) -> None:
+        res = outcome.get("result") if isinstance(outcome.get("result"), dict) else {}
+        if outcome.get("status") == "done" and res.get("before_is_base") and res.get("metrics_before") is not None:
+            base.setdefault(before_key(configs[tid]), res["metrics_before"])
         if outcome.get("status") == "done" and tid in keep and isinstance(outcome.get("result"), dict):
             if Path(folders[tid]).is_dir():
                 outcome["result"]["adapter_dir"] = keep_folder(folders[tid], keep[tid])

@@ -5,7 +5,9 @@ resumable trials, ``"trial_dir"`` and ``"checkpoint_every"``. The trial function
 ``fn(task, spec, **kwargs)`` (see ``grid.call_args``); where it takes ``out_dir``,
 ``checkpoint_every`` and ``resume`` (lorazoo's ``run`` does), it also gets ``out_dir=trial_dir``,
 ``checkpoint_every`` and ``resume=True``, so a trial killed mid-way (runner killed, timeout, machine
-lost) continues from its last checkpoint when the study is run again. ``OUT.json`` gets
+lost) continues from its last checkpoint when the study is run again. A payload's
+``"metrics_before"`` (the base model's metrics from an earlier trial, see ``runner``) goes to a
+trial function that names that keyword. ``OUT.json`` gets
 ``{"status": "done"|"failed", "result", "error", "wall_seconds", "peak_rss_mb", "host", "pid"}``,
 written atomically. Exit status 0 when done, 1 when the trial failed. The process dies with its
 parent (the runner) on Linux, so killing the runner leaves no orphan trial behind.
@@ -69,6 +71,8 @@ def execute(payload: dict) -> dict:
         out["spec"] = spec.to_dict()
         kwargs.setdefault("progress", False)
         kwargs.update(resume_options(fn, kwargs, payload))
+        if payload.get("metrics_before") is not None and "metrics_before" in inspect.signature(fn).parameters:
+            kwargs["metrics_before"] = payload["metrics_before"]  # the base's, measured by an earlier trial
         result = fn(task, spec, **kwargs)
         if not isinstance(result, dict):
             raise TypeError(f"the trial function returned {type(result).__name__}, not a dict")
