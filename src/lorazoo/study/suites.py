@@ -131,8 +131,10 @@ SEEDS3 = [0, 1, 2]
 #   NLG alone (20 x 7 x 3 at this size) would be 420 x 466 s = 196,000 core-s = 27 h on 2 workers, and on IC
 #   (17 variants) 357 x 131 s = 6.5 h: for those, write a config with STUDY_20 on those tasks and run it with
 #   --backend ray on more machines.
-# Half of each trial's evaluation is run()'s "before" evaluation, the same for every variant with a
-#   zero-update init: caching it per (task, seed) would save about 15% of the night.
+# Half of each trial's evaluation is run()'s "before" evaluation, the same for every variant that starts as
+#   the base: the runner measures it once per (task, seed, task options) and hands it on (runner.py), which
+#   takes 2000·0.0094·1.1 = 21 s off a sentiment trial, 24 s off IC and 108 s off NLG: 49,000 + 4,800 + 6,400
+#   = 60,200 core-s = 8.4 h on 2 workers.
 # NLG and IC: one variant per family of the study's taxonomy (as its own high-rank check, Table III, takes
 # one per family): LoRA, DoRA (optimization), HiRA (rank, structured), PiSSA (initialization), MoSLoRA (MoE).
 # EVA and LoRA-One refuse Conv2d targets and LoRA-GA the 3-channel stem (SpecError), so 17 of the 20 could
@@ -150,7 +152,7 @@ SUITES.update({
                        "20 evaluated variants on its learning-rate grid, 3 seeds, NLU sentiment (250 steps, "
                        "2000-text test split); one variant per family (LoRA, DoRA, HiRA, PiSSA, MoSLoRA) on IC "
                        "fashion (3 rates, 3 seeds) and LoRA, DoRA, PiSSA on NLG nlg_sentiment (3 rates, 2 seeds). "
-                       "About a night (10 h) on 2 cores with "
+                       "About a night (8.4 h) on 2 cores with "
                        "--workers 2 (arithmetic in suites.py).",
         "sweeps": [
             {"grid": {"task": ["sentiment"], "variant": STUDY_20, "lr": LRS_STUDY, "seed": SEEDS3},
