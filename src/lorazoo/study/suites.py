@@ -183,19 +183,25 @@ SUITES.update({
     },
     # LoRMA (its Tables 2-5): LoRMA+ and LoRMA-π against LoRA on the paper's targets (query, value),
     # its rank 8 and its rate 4e-4 with two rates either side, 3 seeds; adapters kept for the ΔW rank
-    # (its Table 15) and correlation (its Table 9) analyses. lorma.py's forms post-multiply (M·W0) only:
-    # pre- vs post-multiplication is not an option there, so it is not swept. 3 variants x 4 rates x 3
-    # seeds = 36 trials of 250 steps on two of the six layers' linears (cheaper steps, ~0.2 s):
-    # 8 + 250·0.2·1.5 (LoRMA-π's dense d x d multiplier) + 38 = 121 s, 36 x 121 = 4,400 core-s = 0.6 h.
+    # (its Table 15) and correlation (its Table 9) analyses. Its Table 7 (pre- vs post-multiplication):
+    # LoRMA+ in post order (W0·M, lorma_order="post") on the same grid, against the main sweep's pre order.
+    # 4 configurations x 4 rates x 3 seeds = 48 trials of 250 steps on two of the six layers' linears
+    # (cheaper steps, ~0.2 s): 8 + 250·0.2·1.5 (LoRMA-π's dense d x d multiplier) + 38 = 121 s,
+    # 48 x 121 = 5,800 core-s = 0.8 h.
     "lorma": {
         "description": "LoRMA's claims: LoRMA+ and LoRMA-pi against LoRA on query and value, 4 rates around "
-                       "its paper's 4e-4, 3 seeds, sentiment, 250 steps; adapters kept for the ΔW analyses; "
-                       "about 40 minutes on 2 cores (--workers 2).",
+                       "its paper's 4e-4, 3 seeds, sentiment, 250 steps, and LoRMA+ post- against "
+                       "pre-multiplication; adapters kept for the ΔW analyses; about 50 minutes on 2 cores "
+                       "(--workers 2).",
         "sweeps": [
             {"grid": {"task": ["sentiment"], "variant": ["lora", "lorma_plus", "lorma_pi"],
                       "lr": [1e-4, 4e-4, 1e-3, 3e-3], "seed": SEEDS3},
              "fixed": {"targets": ["query", "value"], "epochs": 1, "limit": 2000, "batch_size": 8,
                        "max_length": 48, "test_size": 2000, "keep_adapter": True}},
+            {"grid": {"task": ["sentiment"], "variant": ["lorma_plus"], "lorma_order": ["post"],
+                      "lr": [1e-4, 4e-4, 1e-3, 3e-3], "seed": SEEDS3},
+             "fixed": {"targets": ["query", "value"], "epochs": 1, "limit": 2000, "batch_size": 8,
+                       "max_length": 48, "test_size": 2000}},
         ],
     },
     # The LoRA paper: rank 1, 2, 4, 8, 64 on W_q, W_v (its Table 6; alpha fixed at 16 as it fixes alpha
