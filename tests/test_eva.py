@@ -66,6 +66,7 @@ def test_directions_and_ranks_match_reference(rank, rho):
     model, handle = adapted(rank=rank, init="eva", eva_rho=rho, calibration=calibration_batches())
     assert handle.ranks == ranks
     assert sum(ranks.values()) == rank * 2
+    assert handle.spec.part_classes()["init"].summary(handle) == {"ranks": ranks, "total": rank * 2, "capacity": rank * 2}
     for path, X in inputs.items():
         form = getattr(model, path).adapters["default"].form
         _, vecs = eig_desc(X)

@@ -77,6 +77,8 @@ def test_ranks_match_hand_written_eq_51_53(kind, features):
     _, handle = build(Chain(), CHAIN, gora_importance=kind, gora_features=features)
     assert handle.ranks == ref
     assert len(set(ref.values())) > 1  # the allocation is not trivially uniform
+    summary = handle.spec.part_classes()["init"].summary(handle)  # what `lorazoo train` prints
+    assert summary == {"ranks": ref, "total": sum(ref.values()), "capacity": R * len(CHAIN)}
 
 
 def test_unequal_shapes_tinynet_budget_never_exceeded_and_leftover_too_small():

@@ -191,6 +191,14 @@ def _loss(output, who: str) -> torch.Tensor:
     return loss
 
 
+def rank_summary(handle) -> dict:
+    """For inits that set each layer's rank from the data (EVA, GoRA, RaLoRA): {"ranks": {path: r},
+    "total": N, "capacity": the spec's rank times the layers (LoRA's budget)}, as the rank
+    allocators report theirs (``lorazoo train`` prints it)."""
+    ranks = dict(handle.ranks)
+    return {"ranks": ranks, "total": sum(ranks.values()), "capacity": handle.spec.rank * len(ranks)}
+
+
 class CalibratedInit(Init):
     """A data-driven init: ``prepare`` runs the calibration pass and keeps ``self.stats``."""
 

@@ -31,7 +31,7 @@ import torch
 from ..errors import SpecError
 from ..parts import check_number
 from ..registry import INITS
-from .calibration import CalibratedInit, shape_of
+from .calibration import CalibratedInit, rank_summary, shape_of
 from .svd import set_factors
 
 
@@ -59,6 +59,10 @@ class EVA(CalibratedInit):
 
     collects = ("cov",)
     options = {"eva_rho": 2.0}
+
+    @classmethod
+    def summary(cls, handle):
+        return rank_summary(handle)
 
     @classmethod
     def validate(cls, opts):

@@ -53,7 +53,7 @@ from ..errors import SpecError
 from ..layer import base_weights
 from ..parts import check_choice, check_number
 from ..registry import INITS
-from .calibration import CalibratedInit, shape_of, work_dtype
+from .calibration import CalibratedInit, rank_summary, shape_of, work_dtype
 from .svd import set_factors
 
 FEATURES = {"linear": lambda f: float(f), "sqrt": math.sqrt}
@@ -113,6 +113,10 @@ class GradientRankInit(CalibratedInit):
 
     collects = ("grad",)
     prefix = "gora"
+
+    @classmethod
+    def summary(cls, handle):
+        return rank_summary(handle)
 
     @classmethod
     def validate_allocation(cls, opts, prefix):
