@@ -423,3 +423,5 @@ def test_run_uses_given_base_metrics_only_for_adapters_that_start_as_the_base(mo
     assert got["metrics_before"] == given and got["before_is_base"]
     nz = run("tiny_ckpt", lorazoo.AdapterSpec.preset("nzlora", rank=4), metrics_before=given, **kw)
     assert nz["metrics_before"] != given and not nz["before_is_base"]
+    plain = run("tiny_ckpt", lorazoo.AdapterSpec(form="lorma", rank=4), metrics_before=given, **kw)
+    assert plain["metrics_before"] != given and not plain["before_is_base"]  # its form starts off the base

@@ -104,7 +104,8 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
     before = None
     if latest is not None:  # measured before the run was killed
         before = read_checkpoint(latest)[1].get("extra", {}).get("metrics_before")
-    starts_as_base = spec.part_classes()["init"].starts_as_base
+    parts = spec.part_classes()
+    starts_as_base = parts["init"].starts_as_base and parts["form"].zero_init  # (within rounding)
     if before is None and metrics_before is not None and starts_as_base:
         before = metrics_before
     if before is None:

@@ -23,11 +23,11 @@ from typing import Callable
 
 from .grid import STUDY_OPTIONS
 from ..analysis.curves import loss_auc
-from .summary import _mean, _sd, best_rows
+from . import findings_weights as W
+from .summary import _mean, best_rows
+from .verdicts import FAILS, HOLDS, MIN_SEEDS, NOT_RUN, UNTESTABLE, Z, Verdict, diff, fmt, stats
+from .verdicts import done as _done, seed_reason as _seed_reason
 
-HOLDS, FAILS, UNTESTABLE, NOT_RUN = "holds", "does not hold", "not testable here", "not run"
-Z = 2.0          # a difference counts when it exceeds Z pooled standard errors
-MIN_SEEDS = 2    # seeds a cell needs before its spread is known
 BASE_KEYS = ("task", "variant", "lr", "seed")
 
 # the study's 20 evaluated variants (its Tables IV-X), by family
@@ -48,13 +48,6 @@ PAPER_GLUE = {"lora": (79.66, 68.65), "hira": (79.57, 77.27), "rasa": (81.37, 81
 PAPER_GLUE_FLOOR = 33.0  # where collapsed runs end on GLUE's average (its 5e-3 table: 32.6-34.5)
 
 
-@dataclass
-class Verdict:
-    verdict: str   # HOLDS, FAILS, UNTESTABLE or NOT_RUN
-    ours: str      # our numbers
-    reason: str
-
-
 @dataclass(frozen=True)
 class Finding:
     key: str
@@ -67,11 +60,6 @@ class Finding:
 
 
 # --- cells -------------------------------------------------------------------------------------
-def _done(trials: list[dict]) -> list[dict]:
-    return [t for t in trials if t.get("status") == "done" and t.get("metric") is not None
-            and math.isfinite(float(t["metric"]))]
-
-
 def _rest(cfg: dict, drop: tuple = ()) -> str:
     """A trial config without the grid's base axes, the study options and ``drop``, as a key."""
     return json.dumps({k: v for k, v in cfg.items() if k not in BASE_KEYS + STUDY_OPTIONS + tuple(drop)},
@@ -94,39 +82,14 @@ def main_grid(trials: list[dict], variants=STUDY_VARIANTS) -> dict[str, dict[str
     return out
 
 
-def stats(ts: list[dict], value: Callable[[dict], float] = lambda t: t["metric"]) -> tuple[float, float, int]:
-    """(mean, sd, seeds) of ``value`` over a cell's trials; sd is NaN under two seeds."""
-    xs = [float(value(t)) for t in ts]
-    xs = [x for x in xs if math.isfinite(x)]
-    return _mean(xs), _sd(xs), len(xs)
-
-
-def diff(a: tuple, b: tuple) -> tuple[float, float]:
-    """(mean_a - mean_b, pooled standard error) of two cells' stats; SE NaN if either has < MIN_SEEDS."""
-    (ma, sa, na), (mb, sb, nb) = a, b
-    if na < MIN_SEEDS or nb < MIN_SEEDS:
-        return ma - mb, math.nan
-    return ma - mb, math.sqrt(sa ** 2 / na + sb ** 2 / nb)
-
-
 def best(by_lr: dict[float, list[dict]]) -> tuple[float, tuple]:
     """(best lr, stats at it) of one variant's cells (highest mean over seeds; summary.best_rows)."""
     row = best_rows({"v": by_lr})[0]
     return row["best_lr"], stats(by_lr[row["best_lr"]])
 
 
-def fmt(s: tuple) -> str:
-    m, sd, n = s
-    return f"{m:.3f}" + (f" ± {sd:.3f}" if math.isfinite(sd) else "") + f" (n={n})"
-
-
 def _few_seeds(cells) -> bool:
     return any(len(ts) < MIN_SEEDS for ts in cells)
-
-
-def _seed_reason(n: int) -> str:
-    return (f"at most {n} seed(s) per cell: the spread over seeds, needed to tell a difference from noise, "
-            f"needs {MIN_SEEDS} or more")
 
 
 def _combine(per_task: dict[str, tuple[str, str]], what: str) -> Verdict:
@@ -565,15 +528,6 @@ def check_lora_rank(trials: list[dict]) -> Verdict:
     return Verdict(HOLDS, ours, "rank 1 is within 0.4 points (plus 2 SE) of the best rank")
 
 
-def _on_weights(name: str) -> Callable[[list[dict]], Verdict]:
-    """A check of findings_weights (the analyses of kept adapters), imported when it runs."""
-    def check(trials: list[dict]) -> Verdict:
-        from . import findings_weights
-
-        return getattr(findings_weights, name)(trials)
-    return check
-
-
 FINDINGS: list[Finding] = [
     Finding("lr_dominates", "The learning rate dominates", "unified study, Finding 5 (Sec. IV-B), Fig. 9",
             "a variant's score moves more across learning rates than the variants' best scores differ",
@@ -627,19 +581,19 @@ FINDINGS: list[Finding] = [
             check_lora_rank),
     Finding("lora_subspace", "Subspace similarity of r=8 and r=64", "LoRA, Eq. 4, Figs. 3-4",
             "the top directions of A_{r=8} lie in A_{r=64} (phi > 0.5 for dimension 1); seeds share few",
-            "GPT-3 layer 48, W_q and W_v", "lora_paper", _on_weights("check_subspace")),
+            "GPT-3 layer 48, W_q and W_v", "lora_paper", W.check_subspace),
     Finding("lora_amplification", "Amplification factor", "LoRA, Table 7",
             "ΔW amplifies directions of W that W does not emphasize",
             "r=4: ||ΔW||_F / ||U^T W V^T||_F = 6.91/0.32 = 21.6; r=64: 3.57/1.90 = 1.9", "lora_paper",
-            _on_weights("check_amplification")),
+            W.check_amplification),
     Finding("lorma_rank", "Rank of LoRMA's ΔW", "LoRMA, Table 15",
             "ΔW has rank at most r for LoRA and LoRMA+, almost full for LoRMA-π",
             "RoBERTa-large layer 13, CoLA, r=8: LoRA 8, LoRMA+ 8, LoRMA-π 1021 (of 1024)", "lorma",
-            _on_weights("check_lorma_rank")),
+            W.check_lorma_rank),
     Finding("lorma_correlation", "LoRMA's ΔW correlates with LoRA's", "LoRMA, Table 9",
             "ΔW of LoRMA+ and LoRMA-π is aligned with LoRA's ΔW, compared to a random matrix",
             "RoBERTa-large layers 3/23: cosine 0.074/0.068 (LoRMA+), 0.004/0.0003 (LoRMA-π), random 1e-4",
-            "lorma", _on_weights("check_lorma_correlation")),
+            "lorma", W.check_lorma_correlation),
 ]
 
 

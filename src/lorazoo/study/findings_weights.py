@@ -5,7 +5,7 @@
 :mod:`lorazoo.analysis` on them, so `lorazoo report` gives these findings a verdict like the others.
 Each uses the adapters of a variant's best learning rate (highest mean metric over the kept
 trials), one value per seed (the mean over the adapted layers; the papers look at one layer),
-and the statistics of :mod:`.findings` (a difference counts beyond ``Z`` standard errors).
+and the statistics of :mod:`.verdicts` (a difference counts beyond ``Z`` standard errors).
 
 - ``subspace`` (LoRA Eq. 4, Figs. 3-4): φ(A_{r=8}, A_{r=64}, 1, 1), the overlap of the two ranks'
   top directions, same seed; the paper sees it above 0.5. Beside it, two seeds of r = 64 and a
@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import torch
 
-from . import findings as F
+from . import verdicts as F
 from .summary import _mean, _sd
 
 R_LOW, R_HIGH = 8, 64  # the lora_paper suite's kept ranks (the paper's Figs. 3-4 compare r=8 and r=64)
@@ -42,7 +42,7 @@ def _rank(t: dict) -> int | None:
 def kept(trials: list[dict], variant: str, rank: int | None = None) -> dict[float, dict[int, dict]]:
     """lr -> seed -> trial, for done trials of ``variant`` (of ``rank``) that kept their adapter."""
     out: dict = defaultdict(dict)
-    for t in F._done(trials):
+    for t in F.done(trials):
         if (t["config"]["variant"] == variant and (t.get("result") or {}).get("adapter_dir")
                 and (rank is None or _rank(t) == rank)):
             out[float(t["config"]["lr"])][int(t["config"]["seed"])] = t
@@ -118,7 +118,7 @@ def check_subspace(trials: list[dict]) -> F.Verdict:
             f"baseline {F.fmt(rand)}" + (f"; r={R_HIGH} seed against seed {F.fmt(_cell(cross))}" if cross else ""))
     m, sd, n = pair
     if n < F.MIN_SEEDS:
-        return F.Verdict(F.UNTESTABLE, ours, F._seed_reason(n))
+        return F.Verdict(F.UNTESTABLE, ours, F.seed_reason(n))
     se = sd / math.sqrt(n)
     if m - F.Z * se > 0.5:
         return F.Verdict(F.HOLDS, ours, "the top direction of the r=8 adapter lies in the r=64 one (φ > 0.5 beyond 2 SE)")
@@ -152,7 +152,7 @@ def check_amplification(trials: list[dict]) -> F.Verdict:
                      f"{F.fmt(rel[r])}" for r in amp)
     d, se = F.diff(amp[R_LOW], amp[R_HIGH])
     if not math.isfinite(se):
-        return F.Verdict(F.UNTESTABLE, ours, F._seed_reason(min(a[2] for a in amp.values())))
+        return F.Verdict(F.UNTESTABLE, ours, F.seed_reason(min(a[2] for a in amp.values())))
     hidden = rel[R_LOW][0] + F.Z * rel[R_LOW][1] / math.sqrt(rel[R_LOW][2]) < 1
     if d - F.Z * se > 0 and amp[R_LOW][0] > 1 and hidden:
         return F.Verdict(F.HOLDS, ours, f"the r={R_LOW} update amplifies directions W does not emphasize (its "
@@ -233,7 +233,7 @@ def check_lorma_correlation(trials: list[dict]) -> F.Verdict:
         return F.Verdict(F.NOT_RUN, "", "no kept LoRMA adapters")
     ours = f"LoRA at lr {llr:g}; " + "; ".join(parts)
     if F.UNTESTABLE in verdicts:
-        return F.Verdict(F.UNTESTABLE, ours, F._seed_reason(1))
+        return F.Verdict(F.UNTESTABLE, ours, F.seed_reason(1))
     if F.FAILS in verdicts:
         return F.Verdict(F.FAILS, ours, "a LoRMA update is no more aligned with LoRA's than a random matrix (2 SE)")
     return F.Verdict(F.HOLDS, ours, "each LoRMA update is more aligned with LoRA's than a random matrix, beyond 2 SE")
