@@ -16,6 +16,10 @@ def build(name, **over):
     if spec.options.get("select_params") == "top":
         pytest.skip(f"{name} trains the last blocks of a block stack, which TinyNet has not; "
                     f"tests/test_baselines.py runs these checks on a tiny BERT")
+    family = getattr(spec.part_classes()["form"], "model_family", None)  # prefix tuning: BERT-family encoders
+    if family:
+        pytest.skip(f"{name} runs on a {family} only, which TinyNet is not; its own tests run these checks on "
+                    f"one (tests/test_prefix_tuning.py: a tiny BERT)")
     handle = lorazoo.adapt(model, spec, calibration=calibration_batches())
     model.eval()  # rank dropout (DropLoRA) and dropout are training-only
     return model, handle

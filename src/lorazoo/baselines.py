@@ -52,9 +52,10 @@ sublayer's output (the layer passes y with its bias to forms that are neither ``
 Cost: two thin matmuls per token on the d-wide output, as LoRA's two on the input/output; Adapter-L adds
 one LayerNorm over d. No (d, d) tensor is formed.
 
-Prefix-embedding and prefix-layer tuning (PreEmbed, PreLayer) are not here: they lengthen the sequence
-(attention masks, positions, BERT's first-token pooling, causal-LM labels all shift), which does not fit
-the linear-layer adapter contract and needs model-specific forward code; left for later.
+Prefix-embedding and prefix-layer tuning (PreEmbed, PreLayer) are in lorazoo.forms.prefix: they lengthen the
+sequence, so they run on BERT-family encoders only (the mask is padded and the prefix positions are dropped
+before the pooler), through the same ``modules_to_save`` mechanism with a copy of the base model the form
+builds itself (``SavedModule.add`` with ``make_copy``); decoders are refused.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .distributed import is_main_process, whole
-from .errors import LorazooError
+from .errors import LorazooError, NotMergeableError
 from .files import write_adapter
 from .fingerprint import short
 from .qbase import quantization_note
@@ -138,6 +138,10 @@ class AdapterHandle:
         full-precision nn.Linear holding its dequantized weight, then merges into that (lossless from
         there on: unmerge gives the dequantized weight back, not the quantized layer)."""
         layers = self.layers()
+        form = self.spec.part_classes()["form"]
+        if not form.adapts_layers and not form.mergeable:  # prefix tuning (lorazoo.forms.prefix)
+            raise NotMergeableError(f"form '{self.spec.form}' cannot be merged into the base weights (it "
+                                    f"lengthens the sequence with trained activations); keep it unmerged")
         if dequantize:
             for p, layer in layers.items():
                 if not layer.adapters[self.name].form.mergeable:

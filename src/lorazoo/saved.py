@@ -36,9 +36,14 @@ class SavedModule(nn.Module):
 
         ``train`` (a predicate over the module's parameter names; None: all) selects the parameters
         the copy trains (BitFit's biases, lorazoo.baselines); the others stay the original's own
-        Parameter objects, shared, so they are stored once, never train and are not saved."""
-        dup = copy.deepcopy(self.original)
+        Parameter objects, shared, so they are stored once, never train and are not saved. ``train`` may
+        instead have a ``make_copy(original)`` method that builds the copy itself (prefix tuning,
+        lorazoo.forms.prefix: a copy sharing every base parameter and adding its own)."""
+        make = getattr(train, "make_copy", None)
+        dup = copy.deepcopy(self.original) if make is None else make(self.original)
         dup.requires_grad_(False)
+        if make is not None:
+            train = None
         if train is not None:
             originals = dict(self.original.named_parameters(remove_duplicate=False))
             for key in list(dict(dup.named_parameters(remove_duplicate=False))):

@@ -1,5 +1,5 @@
 """The LoRA paper's baselines (Hu et al. 2021, Sec. 5.1), for comparing LoRA with in the study; see
-lorazoo.baselines. PreEmbed and PreLayer are not implemented (lorazoo.baselines says why)."""
+lorazoo.baselines; PreEmbed and PreLayer (BERT-family encoders only) in lorazoo.forms.prefix."""
 from . import preset as _p
 
 # Adapter targets by architecture: the attention output projection and the FFN output projection of every
@@ -21,4 +21,10 @@ PRESETS = [
     _p("adapter_l", "Adapter-L: one bottleneck adapter with its LayerNorm after the MLP", "baseline",
        "form (output adapter)", "LoRA Sec. 5.1; Lin et al. 2020", tier="baseline", form="adapter_l",
        scale="constant", alpha=1, targets=_AFTER_FFN),
+    _p("prefix_embed", "PreEmbed: l_p trainable prefix vectors at the embedding level (BERT-family encoders)",
+       "baseline", "prefix (input activations)", "LoRA Sec. 5.1, Table 4/15 (l_p = 256)", tier="baseline",
+       form="prefix_embed", prefix_tokens=256),
+    _p("prefix_layer", "PreLayer: prefix activations trained at the embeddings and after every block",
+       "baseline", "prefix (input activations)", "LoRA Sec. 5.1, Table 4/15 (l_p = 8)", tier="baseline",
+       form="prefix_layer", prefix_tokens=8),
 ]
