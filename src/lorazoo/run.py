@@ -91,8 +91,7 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         _atomic(Path(out_dir) / RUN_FILE, lambda f: Path(f).write_text(json.dumps(arguments, indent=1)))
 
-    torch.manual_seed(seed)  # the fresh head's init
-    model = t.build_model()
+    model = fresh_model(t, seed)
     if quantize is not None:
         from .quantize import parse_choice, quantize as quantize_model
 
@@ -206,6 +205,13 @@ def read_task_config(path) -> dict:
     return cfg
 
 
+def fresh_model(t, seed: int):
+    """The task's model as a run with ``seed`` builds it: its fresh head (a classifier) drawn from that
+    seed, so an adapter saved by that run finds the same base (its fingerprint covers saved heads)."""
+    torch.manual_seed(seed)
+    return t.build_model()
+
+
 def evaluate_saved(path, **option_overrides) -> dict:
     """Rebuild the task stored beside the adapter in ``path``, load the adapter, evaluate it."""
     from .io import load
@@ -213,7 +219,7 @@ def evaluate_saved(path, **option_overrides) -> dict:
     cfg = read_task_config(path)
     t = get_task(cfg["task"], limit=cfg.get("limit"), seed=cfg.get("seed", 0),
                  options={**cfg.get("options", {}), **option_overrides})
-    model = t.build_model()
+    model = fresh_model(t, cfg.get("seed", 0))
     load(model, path)
     metrics = t.evaluate(model)
     return {"task": t.name, "metric_name": t.metric, "metric": float(metrics[t.metric]), "metrics": metrics}

@@ -81,14 +81,14 @@ def load_run(folder):
     from pathlib import Path
 
     from ..io import load
-    from ..run import read_task_config
+    from ..run import fresh_model, read_task_config
     from ..tasks.base import get_task
 
     if not Path(folder).is_dir():
         raise LorazooError(f"{str(folder)!r} is not a folder; give a folder written by `lorazoo train --out`")
     cfg = read_task_config(folder)
     task = get_task(cfg["task"], limit=cfg.get("limit"), seed=cfg.get("seed", 0), options=cfg.get("options", {}))
-    model = task.build_model()
+    model = fresh_model(task, cfg.get("seed", 0))
     handle = load(model, folder)
     model.eval()
     return model, handle, task
