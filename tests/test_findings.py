@@ -287,12 +287,16 @@ def test_a_kept_adapter_survives_the_trial(tmp_path, monkeypatch):
 
 
 def test_lorma_order_post_against_pre():
-    pre = [row("s", "lorma_plus", lr, s, m + NOISE[s]) for lr, m in {1e-4: 0.6, 1e-3: 0.80}.items() for s in range(3)]
-    post = [row("s", "lorma_plus", lr, s, m + NOISE[s], lorma_order="post", spec={"lorma_order": "post"})
-            for lr, m in {1e-4: 0.7, 1e-3: 0.801}.items() for s in range(3)]
+    curve = {1e-4: 0.6, 1e-3: 0.80, 1e-2: 0.7}
+    pre = [row("s", "lorma_plus", lr, s, m + NOISE[s]) for lr, m in curve.items() for s in range(3)]
+    post = [row("s", "lorma_plus", lr, s, m + (lr == 1e-3) * 0.001 + NOISE[s], lorma_order="post",
+                spec={"lorma_order": "post"}) for lr, m in curve.items() for s in range(3)]
     v = verdict("lorma_order", pre + post)
     assert v.verdict == F.HOLDS and "+0.001" in v.ours
     worse = [dict(t, metric=t["metric"] - 0.05) for t in post]
     assert verdict("lorma_order", pre + worse).verdict == F.FAILS
     assert verdict("lorma_order", pre).verdict == F.NOT_RUN
     assert verdict("lorma_order", [t for t in pre + post if t["config"]["seed"] == 0]).verdict == F.UNTESTABLE
+    edge = [t for t in post if t["config"]["lr"] != 1e-2]  # post's best at the top of its grid: not tuned
+    edge = [dict(t, metric=0.9) if t["config"]["lr"] == 1e-3 else t for t in edge]
+    assert "not tuned" in verdict("lorma_order", pre + edge).reason

@@ -489,15 +489,18 @@ def check_lorma_order(trials: list[dict]) -> Verdict:
     if not pairs:
         return Verdict(NOT_RUN, "", "no LoRMA+ trials in both orders with the same other options")
     (task, _), cells = max(pairs.items(), key=lambda kv: sum(len(v) for v in kv[1].values()))
-    bests = {}
+    bests, why = {}, None
     for order in ("pre", "post"):
         by_lr: dict = defaultdict(list)
         for lr, t in cells[order]:
             by_lr[lr].append(t)
         bests[order] = best(by_lr)
+        why = why or _not_tuned(by_lr, f"LoRMA+ ({order})")
     (plr, ps), (qlr, qs) = bests["pre"], bests["post"]
     d, se = diff(qs, ps)
     ours = f"{task}: pre {fmt(ps)} at {plr:g}, post {fmt(qs)} at {qlr:g}: post - pre {d:+.3f} ± {se:.3f}"
+    if why:
+        return Verdict(UNTESTABLE, ours, why)
     if not math.isfinite(se):
         return Verdict(UNTESTABLE, ours, _seed_reason(min(ps[2], qs[2])))
     if abs(d) > Z * se:

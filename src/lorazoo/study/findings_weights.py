@@ -57,17 +57,18 @@ def best_lr(by_lr: dict[float, dict[int, dict]], among=None) -> float | None:
 
 @lru_cache(maxsize=64)
 def weights(folder: str) -> dict:
-    """{"delta": {path: ΔW}, "W": {path: W}, "A": {path: A} or None} of a kept run (float64)."""
+    """{"delta": {path: ΔW}, "W": {path: W}, "A": {path: A} or None} of a kept run, in the adapter's
+    dtype (the numerical rank's tolerance is that dtype's rounding; the analyses compute in float64
+    where they need it)."""
     from ..analysis import base_weights_of, delta_weights, load_run, lora_factors
     from ..errors import LorazooError
 
     _, handle, _ = load_run(folder)
     try:
-        A = {p: a.double() for p, (_, a) in lora_factors(handle).items()}
+        A = {p: a for p, (_, a) in lora_factors(handle).items()}
     except LorazooError:
         A = None
-    return {"delta": {p: d.double() for p, d in delta_weights(handle).items()},
-            "W": {p: w.double() for p, w in base_weights_of(handle).items()}, "A": A}
+    return {"delta": delta_weights(handle), "W": base_weights_of(handle), "A": A}
 
 
 def _folder(t: dict) -> str:
@@ -201,6 +202,7 @@ def check_lorma_rank(trials: list[dict]) -> F.Verdict:
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 

@@ -108,6 +108,7 @@ PREEMBED_TOKENS = 16
 # and adds 1e-2 (the structured forms' 10x LoRA's best). 5x LoRA's best (the study's 5e-4) is 5e-3.
 LRS_STUDY = [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2]
 SEEDS3 = [0, 1, 2]
+LRS_LORMA = [1e-4, 4e-4, 1e-3, 3e-3, 1e-2]
 
 # Sizing of `paper` (measured 2026-12-01, one torch thread, LoRA, CPU time of the process, so a core's
 # time when the machine is not shared; /tmp/fs/timing_cpu.py):
@@ -184,24 +185,25 @@ SUITES.update({
         ],
     },
     # LoRMA (its Tables 2-5): LoRMA+ and LoRMA-π against LoRA on the paper's targets (query, value),
-    # its rank 8 and its rate 4e-4 with two rates either side, 3 seeds; adapters kept for the ΔW rank
+    # its rank 8 and its rate 4e-4 with three rates above it (on query and value only, LoRA peaks at 3e-3
+    # here, so 1e-2 brackets it) and one below, 3 seeds; adapters kept for the ΔW rank
     # (its Table 15) and correlation (its Table 9) analyses. Its Table 7 (pre- vs post-multiplication):
     # LoRMA+ in post order (W0·M, lorma_order="post") on the same grid, against the main sweep's pre order.
-    # 4 configurations x 4 rates x 3 seeds = 48 trials of 250 steps on two of the six layers' linears
+    # 4 configurations x 5 rates x 3 seeds = 60 trials of 250 steps on two of the six layers' linears
     # (cheaper steps, ~0.2 s): 8 + 250·0.2·1.5 (LoRMA-π's dense d x d multiplier) + 38 = 121 s,
-    # 48 x 121 = 5,800 core-s = 0.8 h.
+    # 60 x 121 = 7,300 core-s = 1.0 h.
     "lorma": {
-        "description": "LoRMA's claims: LoRMA+ and LoRMA-pi against LoRA on query and value, 4 rates around "
+        "description": "LoRMA's claims: LoRMA+ and LoRMA-pi against LoRA on query and value, 5 rates around "
                        "its paper's 4e-4, 3 seeds, sentiment, 250 steps, and LoRMA+ post- against "
-                       "pre-multiplication; adapters kept for the ΔW analyses; about 50 minutes on 2 cores "
+                       "pre-multiplication; adapters kept for the ΔW analyses; about an hour on 2 cores "
                        "(--workers 2).",
         "sweeps": [
             {"grid": {"task": ["sentiment"], "variant": ["lora", "lorma_plus", "lorma_pi"],
-                      "lr": [1e-4, 4e-4, 1e-3, 3e-3], "seed": SEEDS3},
+                      "lr": LRS_LORMA, "seed": SEEDS3},
              "fixed": {"targets": ["query", "value"], "epochs": 1, "limit": 2000, "batch_size": 8,
                        "max_length": 48, "test_size": 2000, "keep_adapter": True}},
             {"grid": {"task": ["sentiment"], "variant": ["lorma_plus"], "lorma_order": ["post"],
-                      "lr": [1e-4, 4e-4, 1e-3, 3e-3], "seed": SEEDS3},
+                      "lr": LRS_LORMA, "seed": SEEDS3},
              "fixed": {"targets": ["query", "value"], "epochs": 1, "limit": 2000, "batch_size": 8,
                        "max_length": 48, "test_size": 2000}},
         ],
