@@ -295,6 +295,8 @@ def test_lorma_order_post_against_pre():
     assert v.verdict == F.HOLDS and "+0.001" in v.ours
     worse = [dict(t, metric=t["metric"] - 0.05) for t in post]
     assert verdict("lorma_order", pre + worse).verdict == F.FAILS
+    near = [dict(t, metric=t["metric"] + 0.009) for t in post]  # 0.010 ± 0.003: straddles the margin
+    assert "straddles" in verdict("lorma_order", pre + near).reason
     assert verdict("lorma_order", pre).verdict == F.NOT_RUN
     assert verdict("lorma_order", [t for t in pre + post if t["config"]["seed"] == 0]).verdict == F.UNTESTABLE
     edge = [t for t in post if t["config"]["lr"] != 1e-2]  # post's best at the top of its grid: not tuned

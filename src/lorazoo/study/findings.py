@@ -479,8 +479,14 @@ def check_lorma_auc(trials: list[dict]) -> Verdict:
     return Verdict(UNTESTABLE, ours, "too few seeds, or the reduction's interval holds both 0 and 30%")
 
 
+# "Comparable" as an equivalence margin: LoRMA calls 0.3-0.4 points "almost comparable" (Table 7) and
+# speaks of results "within about a point"; equivalence holds when the difference's 2-SE interval lies in it.
+COMPARABLE = 0.01
+
+
 def check_lorma_order(trials: list[dict]) -> Verdict:
-    """LoRMA+ post- against pre-multiplication (its Table 7), each at its best rate."""
+    """LoRMA+ post- against pre-multiplication (its Table 7), each at its best rate; an equivalence
+    test against :data:`COMPARABLE` (two one-sided tests at 2 SE)."""
     orders: dict = defaultdict(lambda: defaultdict(list))
     for (task, _, rest, (order,)), by_lr in _family(trials, ("lorma_plus",), ("lorma_order",)).items():
         for lr, ts in by_lr.items():
@@ -503,9 +509,12 @@ def check_lorma_order(trials: list[dict]) -> Verdict:
         return Verdict(UNTESTABLE, ours, why)
     if not math.isfinite(se):
         return Verdict(UNTESTABLE, ours, _seed_reason(min(ps[2], qs[2])))
-    if abs(d) > Z * se:
-        return Verdict(FAILS, ours, "the two orders' bests differ by more than 2 SE")
-    return Verdict(HOLDS, ours, "the two orders' bests are within 2 SE")
+    if abs(d) - Z * se > COMPARABLE:
+        return Verdict(FAILS, ours, f"the orders' bests differ by more than {COMPARABLE:g}, beyond 2 SE")
+    if abs(d) + Z * se <= COMPARABLE:
+        return Verdict(HOLDS, ours, f"the difference and its 2-SE interval lie within ±{COMPARABLE:g}")
+    return Verdict(UNTESTABLE, ours, f"the 2-SE interval of the difference, {abs(d) - Z * se:.3f}-{abs(d) + Z * se:.3f}, "
+                                     f"straddles the ±{COMPARABLE:g} of \"comparable\"")
 
 
 def check_lora_rank(trials: list[dict]) -> Verdict:

@@ -24,8 +24,9 @@ def _sd(xs: list[float]) -> float:
 
 
 def series_label(cfg: dict, extra_axes: list[str]) -> str:
-    """A line's name: the variant, plus any other axis the grid varies (``lora rank=4``)."""
-    return " ".join([str(cfg["variant"]), *(f"{k}={cfg.get(k)}" for k in extra_axes)])
+    """A line's name: the variant, plus any other axis the grid varies and this trial sets (``lora
+    rank=4``; a trial of another sweep that leaves the axis at its preset's value shows only the variant)."""
+    return " ".join([str(cfg["variant"]), *(f"{k}={cfg[k]}" for k in extra_axes if k in cfg)])
 
 
 def summarize(trials: list[dict]) -> dict:
