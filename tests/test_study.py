@@ -389,9 +389,9 @@ def test_the_base_is_evaluated_once_per_seed_and_handed_to_later_trials(tmp_path
     log = tmp_path / "calls.log"
     monkeypatch.setenv("STUDY_FAKE_LOG", str(log))
     study = {"name": "b", "trial_fn": "study_fake:tiny_run",
-             "grid": {"task": ["tiny_ckpt"], "variant": ["lora", "nzlora", "dora"], "lr": [0.02, 0.05], "seed": [0, 1]},
-             "fixed": {"rank": 4, "epochs": 1, "batch_size": 16}}
-    assert run_study(tmp_path / "b.sqlite", study, checkpoint_every=0, known_tasks=["tiny_ckpt"], log=quiet)["done"] == 12
+             "grid": {"task": ["tiny_ckpt"], "variant": ["lora", "nzlora", "dora"], "lr": [0.02], "seed": [0, 1]},
+             "fixed": {"rank": 4, "epochs": 0.5, "batch_size": 16}}
+    assert run_study(tmp_path / "b.sqlite", study, checkpoint_every=0, known_tasks=["tiny_ckpt"], log=quiet)["done"] == 6
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c["given_before"] for c in calls].count(False) == 2  # the first trial of each seed (its key) measures
     with Store(tmp_path / "b.sqlite") as s:
@@ -403,9 +403,9 @@ def test_the_base_is_evaluated_once_per_seed_and_handed_to_later_trials(tmp_path
         by_seed.setdefault(t["config"]["seed"], []).append(res)
     for results in by_seed.values():
         base = [r["metrics_before"] for r in results if r["before_is_base"]]
-        assert len(base) == 4 and all(b == base[0] for b in base)
+        assert len(base) == 2 and all(b == base[0] for b in base)
         own = [r["metrics_before"]["loss"] for r in results if not r["before_is_base"]]
-        assert len(own) == 2 and all(abs(x - base[0]["loss"]) > 1e-6 for x in own)  # measured, not handed
+        assert len(own) == 1 and all(abs(x - base[0]["loss"]) > 1e-6 for x in own)  # measured, not handed
 
 
 def test_run_uses_given_base_metrics_only_for_adapters_that_start_as_the_base(monkeypatch):
