@@ -154,6 +154,9 @@ def test_droplora_best_rate_elsewhere():
     v = verdict("droplora_best", drop_rows({0.0: 0.80, 0.1: 0.83, 0.3: 0.80, 0.5: 0.79}))
     assert v.verdict == F.FAILS and "best 0.1" in v.ours
     assert verdict("droplora_best", drop_rows({0.0: 0.8, 0.3: 0.8})).verdict == F.UNTESTABLE
+    assert verdict("droplora_best", drop_rows({0.0: 0.80, 0.1: 0.79, 0.3: 0.83, 0.5: 0.78})).verdict == F.HOLDS
+    tie = verdict("droplora_best", drop_rows({0.0: 0.80, 0.1: 0.8295, 0.3: 0.83, 0.5: 0.78}))
+    assert tie.verdict == F.UNTESTABLE and "above 0.1" in tie.reason  # highest mean, but by less than noise
 
 
 def test_lorma_auc_reduction_against_30_percent():

@@ -408,7 +408,12 @@ def check_droplora_best(trials: list[dict]) -> Verdict:
     if not math.isfinite(se):
         return Verdict(UNTESTABLE, ours, _seed_reason(min(rank[top][1][2], rank[0.3][1][2])))
     if top == 0.3:
-        return Verdict(HOLDS, ours, "0.3 has the highest mean of the sweep")
+        second = max((p for p in ps if p != 0.3), key=lambda p: rank[p][1][0])
+        d2, se2 = diff(rank[0.3][1], rank[second][1])
+        if d2 - Z * se2 > 0:
+            return Verdict(HOLDS, ours, f"0.3 is above the next best rate ({second:g}) by more than 2 SE")
+        return Verdict(UNTESTABLE, ours, f"0.3 has the highest mean, {d2:.3f} above {second:g}, within 2 SE "
+                                         f"({se2:.3f}): not resolved")
     if d > Z * se:
         return Verdict(FAILS, ours, f"{top:g} is above 0.3 by {d:.3f}, more than 2 SE ({se:.3f})")
     return Verdict(UNTESTABLE, ours, f"{top:g} is above 0.3 by {d:.3f}, within 2 SE ({se:.3f}): not resolved")
