@@ -111,32 +111,41 @@ def _is_bias(key: str) -> bool:
     return key == "bias" or key.endswith(".bias")
 
 
+class NoLayerForm(Form):
+    """A form that adapts no layer: its part trains the modules ``select_saved`` names, wrapped like
+    ``modules_to_save`` (selections here, prefix tuning in forms/prefix.py). ``trains`` says what."""
+
+    adapts_layers = False
+    has_rank = False
+    trains = "base parameters"
+
+    def __init__(self, *args, **kwargs):  # never built: adapt builds forms on adapted layers only
+        raise SpecError(f"form '{self.part_name}' adapts no layer; it trains {self.trains}")
+
+    @classmethod
+    def check_spec(cls, spec):
+        if spec.init != "default":
+            raise SpecError(f"form '{spec.form}' adapts no layer ({cls.trains}): init {spec.init!r} has no "
+                            f"factors to set (use init='default')")
+        if spec.dropout > 0:
+            raise SpecError(f"form '{spec.form}' has no adapter input to drop out (set dropout=0)")
+
+
 @FORMS.register("selection", paper="LoRA (Hu et al., 2021) Sec. 5.1: FT; FT-Top2 (Li & Liang, 2021); "
                 "BitFit (Zaken et al., 2021)",
                 equations="no update form: W' = W with the selected base parameters trained in place",
                 summary="a parameter selection: all parameters, the last k blocks, or the biases")
-class Selection(Form):
+class Selection(NoLayerForm):
     """Trains a selection of the base model's own parameters; adapts no layer (see lorazoo.baselines)."""
 
-    adapts_layers = False
-    has_rank = False
     options = {"select_params": "all", "select_top_blocks": 2}
-
-    def __init__(self, *args, **kwargs):  # never built: adapt builds forms on adapted layers only
-        raise SpecError("form 'selection' adapts no layer; it trains base parameters (lorazoo.baselines)")
+    trains = "base parameters as they are (lorazoo.baselines)"
 
     @classmethod
     def validate(cls, opts):
         check_choice("select_params", opts["select_params"], SELECTIONS)
         check_number("select_top_blocks", opts["select_top_blocks"], minimum=1, integer=True)
 
-    @classmethod
-    def check_spec(cls, spec):
-        if spec.init != "default":
-            raise SpecError(f"form 'selection' trains base parameters as they are: init {spec.init!r} has no factors "
-                            f"to set (use init='default')")
-        if spec.dropout > 0:
-            raise SpecError("form 'selection' has no adapter input to drop out (set dropout=0)")
 
     @classmethod
     def select_saved(cls, model, spec):

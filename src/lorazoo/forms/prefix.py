@@ -71,7 +71,8 @@ import torch
 from torch import nn
 
 from ..errors import LorazooError, SpecError
-from ..parts import Form, check_number
+from ..baselines import NoLayerForm
+from ..parts import check_number
 from ..registry import FORMS
 from ..saved import SavedModule
 
@@ -213,31 +214,19 @@ class PrefixCopy:
         return dup
 
 
-class _Prefix(Form):
+class _Prefix(NoLayerForm):
     """Trainable prefix activations on a BERT-family encoder; adapts no layer (module docstring)."""
 
-    adapts_layers = False
-    has_rank = False
+    trains = "prefix activations (lorazoo.forms.prefix)"
     mergeable = False
     zero_init = False  # the prefix is attended to from the start (no paper claims a start at the base)
     rank_bound = "none"
     model_family = "BERT-family encoder"  # the generic contract's TinyNet is not one
     per_layer = False
 
-    def __init__(self, *args, **kwargs):  # never built: adapt builds forms on adapted layers only
-        raise SpecError(f"form '{self.part_name}' adapts no layer; it trains prefix activations (lorazoo.forms.prefix)")
-
     @classmethod
     def validate(cls, opts):
         check_number("prefix_tokens", opts["prefix_tokens"], minimum=1, integer=True, maximum=65536)
-
-    @classmethod
-    def check_spec(cls, spec):
-        if spec.init != "default":
-            raise SpecError(f"form '{spec.form}' starts its prefix from the base model's activations: init "
-                            f"{spec.init!r} has no factors to set (use init='default')")
-        if spec.dropout > 0:
-            raise SpecError(f"form '{spec.form}' has no adapter input to drop out (set dropout=0)")
 
     @classmethod
     def select_saved(cls, model, spec):
