@@ -189,6 +189,27 @@ def test_lora_rank_one_on_q_v():
     assert v.verdict == F.FAILS and "r=1: 0.700" in v.ours
 
 
+def test_lora_against_full_fine_tuning_and_the_other_baselines():
+    lrs = (1e-5, 1e-4, 1e-3, 1e-2)
+
+    def rows(lora, ft, seeds=(0, 1, 2), noise=NOISE):
+        out = [row("t", "lora", lr, s, m + noise[s], rank=8, alpha=16, targets=["query", "value"])
+               for lr, m in zip(lrs, lora) for s in seeds]
+        out += [row("t", "full_ft", lr, s, m + noise[s]) for lr, m in zip(lrs, ft) for s in seeds]
+        return out + [row("t", "bitfit", lr, s, 0.70 + noise[s]) for lr in lrs for s in seeds]
+
+    v = verdict("lora_baselines", rows((0.6, 0.80, 0.79, 0.5), (0.6, 0.795, 0.7, 0.5)))
+    assert v.verdict == F.HOLDS and "full_ft 0.795" in v.ours and "bitfit 0.700" in v.ours and "(-0.100)" in v.ours
+    assert verdict("lora_baselines", rows((0.6, 0.75, 0.7, 0.5), (0.6, 0.80, 0.7, 0.5))).verdict == F.FAILS
+    wide = [-0.02, 0.0, 0.02]  # sd 0.02: the interval reaches past the 0.01 margin
+    assert verdict("lora_baselines", rows((0.6, 0.80, 0.7, 0.5), (0.6, 0.80, 0.7, 0.5), noise=wide)).verdict \
+        == F.UNTESTABLE
+    edge = verdict("lora_baselines", rows((0.6, 0.80, 0.7, 0.5), (0.9, 0.80, 0.7, 0.5)))
+    assert edge.verdict == F.UNTESTABLE and "not bracketed" in edge.reason
+    assert verdict("lora_baselines", [r for r in rows((0.6,) * 4, (0.6,) * 4)
+                                      if r["config"]["variant"] != "full_ft"]).verdict == F.NOT_RUN
+
+
 def test_every_finding_says_not_run_without_trials_and_the_section_is_left_out():
     assert all(v.verdict == F.NOT_RUN for _, v in F.evaluate([]))
     assert F.markdown([]) is None

@@ -24,6 +24,7 @@ from typing import Callable
 from .grid import STUDY_OPTIONS
 from ..analysis.curves import loss_auc
 from . import findings_weights as W
+from .suites import BASELINES
 from .summary import _mean, best_rows
 from .verdicts import FAILS, HOLDS, MIN_SEEDS, NOT_RUN, UNTESTABLE, Z, Verdict, diff, fmt, stats
 from .verdicts import done as _done, seed_reason as _seed_reason
@@ -545,6 +546,52 @@ def check_lora_rank(trials: list[dict]) -> Verdict:
     return Verdict(HOLDS, ours, "rank 1 is within 0.4 points (plus 2 SE) of the best rank")
 
 
+def _best_config(trials: list[dict], variant: str, task: str) -> dict[float, list[dict]] | None:
+    """lr -> seeds of ``variant`` on ``task`` in its most-run configuration (other options equal)."""
+    groups = [by_lr for (t, _, _, _), by_lr in _family(trials, (variant,), ()).items() if t == task]
+    return max(groups, key=lambda g: sum(map(len, g.values()))) if groups else None
+
+
+def check_lora_baselines(trials: list[dict]) -> Verdict:
+    """LoRA at r=8 on W_q, W_v (its Table 2 row; the rank sweep's r=8 cell) against full fine-tuning,
+    each at its best rate; a non-inferiority test with the margin :data:`COMPARABLE` (LoRA not below
+    by more than 2 SE, and the interval's lower end within the margin). The other baselines are
+    reported beside them."""
+    fam = _family(trials, ("lora",), ("rank",))
+    loras = {(task, int(json.loads(rank))): by_lr for (task, _, rest, (rank,)), by_lr in fam.items()
+             if {"query", "value"} <= set(json.loads(rest).get("targets") or ())}
+    tasks = sorted({task for task, _ in loras if _best_config(trials, "full_ft", task)})
+    if not tasks:
+        return Verdict(NOT_RUN, "", "no full fine-tuning and LoRA-on-query/value trials on the same task")
+    task = tasks[0]
+    rank = 8 if (task, 8) in loras else max((r for t, r in loras if t == task), key=lambda r: len(loras[(task, r)]))
+    lora = loras[(task, rank)]
+    (llr, ls), (flr, fs) = best(lora), best(_best_config(trials, "full_ft", task))
+    d, se = diff(ls, fs)
+    parts = [f"{task}: LoRA r={rank} {fmt(ls)} at {llr:g}", f"full_ft {fmt(fs)} at {flr:g}: LoRA {d:+.3f} ± {se:.3f}"]
+    for b in BASELINES:
+        if b == "full_ft":
+            continue
+        by_lr = _best_config(trials, b, task)
+        if by_lr:
+            blr, bs = best(by_lr)
+            parts.append(f"{b} {fmt(bs)} at {blr:g} ({diff(bs, ls)[0]:+.3f})")
+    ours = "; ".join(parts)
+    why = (_not_tuned(lora, f"LoRA r={rank}") or _not_tuned(_best_config(trials, "full_ft", task), "full fine-tuning")
+           or _not_learned(lora[llr]))
+    if why:
+        return Verdict(UNTESTABLE, ours, why)
+    if not math.isfinite(se):
+        return Verdict(UNTESTABLE, ours, _seed_reason(min(ls[2], fs[2])))
+    if d + Z * se < 0:
+        return Verdict(FAILS, ours, "LoRA's best is below full fine-tuning's by more than 2 SE")
+    if d - Z * se >= -COMPARABLE:
+        return Verdict(HOLDS, ours, f"LoRA's best is not below full fine-tuning's by more than {COMPARABLE:g} "
+                                    f"(2-SE lower bound {d - Z * se:+.3f})")
+    return Verdict(UNTESTABLE, ours, f"the 2-SE interval {d - Z * se:+.3f}..{d + Z * se:+.3f} holds both parity "
+                                     f"and a gap beyond {COMPARABLE:g}: more seeds needed")
+
+
 FINDINGS: list[Finding] = [
     Finding("lr_dominates", "The learning rate dominates", "unified study, Finding 5 (Sec. IV-B), Fig. 9",
             "a variant's score moves more across learning rates than the variants' best scores differ",
@@ -596,6 +643,12 @@ FINDINGS: list[Finding] = [
             "adapting W_q and W_v, rank 1 scores as well as ranks 2-64",
             "GPT-3 on W_q, W_v: WikiSQL r=1 73.4 vs best 73.8 (r=8); MultiNLI 91.3 vs 91.6 (r=8)", "lora_paper",
             check_lora_rank),
+    Finding("lora_baselines", "LoRA on par with full fine-tuning", "LoRA, Tables 2-4",
+            "LoRA (r=8 on W_q, W_v) performs on par with or better than full fine-tuning, and above BitFit, "
+            "prefix tuning and adapters",
+            "RoBERTa-base GLUE average: FT 86.4, BitFit 85.2, Adpt^D 84.4/85.4, LoRA 87.2; GPT-3 WikiSQL: FT 73.8, "
+            "BitFit 71.3, PreEmbed 63.1, PreLayer 70.1, Adapter^H 71.9/73.2, LoRA 73.4", "lora_paper",
+            check_lora_baselines),
     Finding("lora_subspace", "Subspace similarity of r=8 and r=64", "LoRA, Eq. 4, Figs. 3-4",
             "the top directions of A_{r=8} lie in A_{r=64} (phi > 0.5 for dimension 1); seeds share few",
             "GPT-3 layer 48, W_q and W_v", "lora_paper", W.check_subspace),
