@@ -308,6 +308,12 @@ def test_a_kept_adapter_survives_the_trial(tmp_path, monkeypatch):
     assert (kept / "adapter_config.json").is_file() or any(kept.iterdir())
     assert not (kept / "checkpoints").exists() and not trial_dir(db, rows[True]["id"]).exists()
     assert "adapter_dir" not in rows[False]["result"] and not adapter_dir(db, rows[False]["id"]).exists()
+    moved = tmp_path / "elsewhere" / "s.sqlite"  # a study file moved (or checked in) with its adapters
+    moved.parent.mkdir()
+    os.rename(db, moved)
+    os.rename(f"{db}.adapters", f"{moved}.adapters")
+    with Store(moved) as s:
+        assert s.trial("k", rows[True]["id"])["result"]["adapter_dir"] == str(adapter_dir(moved, rows[True]["id"]))
 
 
 def test_lorma_order_post_against_pre():

@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 from .errors import StudyError
 from .grid import before_key, label, normalize_study, trial_id, validate
 from .process import collect, spawn
-from .store import Store
+from .store import Store, adapter_dir
 
 HEARTBEAT_EVERY_S = 10.0
 CHECKPOINT_EVERY = 50  # steps between a trial's checkpoints (small adapters: a few ms each)
@@ -41,11 +41,6 @@ CHECKPOINT_EVERY = 50  # steps between a trial's checkpoints (small adapters: a 
 def trial_dir(db: str | os.PathLike, tid: str) -> Path:
     """The folder trial ``tid`` of the study file ``db`` checkpoints into."""
     return Path(f"{os.fspath(db)}.trials") / tid
-
-
-def adapter_dir(db: str | os.PathLike, tid: str) -> Path:
-    """Where trial ``tid`` of the study file ``db`` keeps its saved adapter (``keep_adapter: true``)."""
-    return Path(f"{os.fspath(db)}.adapters") / tid
 
 
 def keep_folder(folder: str | os.PathLike, dest: str | os.PathLike) -> str:

@@ -70,6 +70,11 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def adapter_dir(db: str | os.PathLike, tid: str) -> Path:
+    """Where trial ``tid`` of the study file ``db`` keeps its saved adapter (``keep_adapter: true``)."""
+    return Path(f"{os.fspath(db)}.adapters") / tid
+
+
 class Store:
     """A study file. Use as a context manager; every write is its own transaction."""
 
@@ -260,13 +265,16 @@ class Store:
             out[status] = n
         return out
 
-    @staticmethod
-    def _row(row: sqlite3.Row) -> dict:
+    def _row(self, row: sqlite3.Row) -> dict:
         d = dict(row)
         for key in ("config", "spec", "metrics_per_epoch", "losses", "result"):
             d[key] = _loads(d[key])
         if d["result"] is not None:
             d["result"] = {**d["result"], "metrics_per_epoch": d["metrics_per_epoch"], "losses": d["losses"]}
+            kept = d["result"].get("adapter_dir")
+            beside = adapter_dir(self.path, d["id"])  # a study file moved with its adapters
+            if kept and not Path(kept).is_dir() and beside.is_dir():
+                d["result"]["adapter_dir"] = str(beside)
         return d
 
 

@@ -110,6 +110,7 @@ LRS_STUDY = [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2]
 SEEDS3 = [0, 1, 2]
 LRS_LORMA = [1e-4, 4e-4, 1e-3, 3e-3, 1e-2]
 LRS_RANKS = [3e-4, 1e-3, 3e-3, 1e-2]  # lora_paper's rank sweep on query and value
+LRS_BASELINES = [1e-5, 1e-4, 1e-3, 1e-2]  # and its baselines
 
 # Sizing of `paper` (measured 2026-12-01, one torch thread, LoRA, CPU time of the process, so a core's
 # time when the machine is not shared; /tmp/fs/timing_cpu.py):
@@ -212,13 +213,14 @@ SUITES.update({
         ],
     },
     # The LoRA paper: rank 1, 2, 4, 8, 64 on W_q, W_v (its Table 6; alpha fixed at 16 as it fixes alpha
-    # to the first r tried), 3 rates, 3 seeds; r = 8 and r = 64 keep their adapters for the subspace
+    # to the first r tried), 4 rates, 3 seeds; r = 8 and r = 64 keep their adapters for the subspace
     # similarity (its Eq. 4, Figs. 3-4: r=8 vs r=64, and r=64 seed vs seed) and amplification (Table 7)
     # analyses; its baselines by the same harness at 4 rates (full fine-tuning needs small rates, BitFit
     # large ones). On query and value, LoRA r=8 peaks at 3e-3 and collapses at 1e-2 (docs/study/lorma), so
     # the ranks' grid goes to 1e-2 to bracket it. 5 ranks x 4 rates x 3 seeds = 60 + 7 baselines x 4 rates
     # x 3 seeds = 84 trials of 250 steps: 60 x ~110 s + 84 x ~140 s (full fine-tuning's step is about 2x
-    # LoRA's) = 18,400 core-s = 2.6 h.
+    # LoRA's) = 18,400 core-s = 2.6 h. The sweep that keeps adapters runs last, so that a suite continued
+    # across sessions has its adapters, and the report that reads them, from the same one.
     "lora_paper": {
         "description": "The LoRA paper's claims: rank 1, 2, 4, 8, 64 on query and value (r=8 and r=64 "
                        "adapters kept for the subspace and amplification analyses), 4 rates, 3 seeds, and its "
@@ -229,17 +231,17 @@ SUITES.update({
                       "rank": [1, 2, 4]},
              "fixed": {"targets": ["query", "value"], "alpha": 16, "epochs": 1, "limit": 2000, "batch_size": 8,
                        "max_length": 48, "test_size": 2000}},
+            {"grid": {"task": ["sentiment"], "variant": [b for b in BASELINES if b != "prefix_embed"],
+                      "lr": LRS_BASELINES, "seed": SEEDS3},
+             "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000}},
+            {"grid": {"task": ["sentiment"], "variant": ["prefix_embed"], "lr": LRS_BASELINES,
+                      "seed": SEEDS3},
+             "fixed": {"prefix_tokens": PREEMBED_TOKENS, "epochs": 1, "limit": 2000, "batch_size": 8,
+                       "max_length": 48, "test_size": 2000}},
             {"grid": {"task": ["sentiment"], "variant": ["lora"], "lr": LRS_RANKS, "seed": SEEDS3,
                       "rank": [8, 64]},
              "fixed": {"targets": ["query", "value"], "alpha": 16, "epochs": 1, "limit": 2000, "batch_size": 8,
                        "max_length": 48, "test_size": 2000, "keep_adapter": True}},
-            {"grid": {"task": ["sentiment"], "variant": [b for b in BASELINES if b != "prefix_embed"],
-                      "lr": [1e-5, 1e-4, 1e-3, 1e-2], "seed": SEEDS3},
-             "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000}},
-            {"grid": {"task": ["sentiment"], "variant": ["prefix_embed"], "lr": [1e-5, 1e-4, 1e-3, 1e-2],
-                      "seed": SEEDS3},
-             "fixed": {"prefix_tokens": PREEMBED_TOKENS, "epochs": 1, "limit": 2000, "batch_size": 8,
-                       "max_length": 48, "test_size": 2000}},
         ],
     },
     "findings_smoke": {
