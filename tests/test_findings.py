@@ -10,7 +10,8 @@ from lorazoo.study.store import Store
 from lorazoo.study.suites import BASELINES, SUITES, suite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOISE = [-0.002, 0.0, 0.002]  # per seed: sd 0.002
+NOISE = [-0.002, 0.0, 0.002]  # per seed: sd 0.002; cell k of a helper gets it rotated by k, so that two
+# cells' seeds are not perfectly correlated (their seed-by-seed differences have sd 0.0035)
 
 
 def row(task, variant, lr, seed, metric, *, before=0.5, losses=None, peak=1000.0, spec=None, **cfg):
@@ -25,9 +26,9 @@ def row(task, variant, lr, seed, metric, *, before=0.5, losses=None, peak=1000.0
 
 
 def grid_rows(curves: dict, task="t", seeds=(0, 1, 2), **kw):
-    """Rows from {variant: {lr: mean}}; seed i adds NOISE[i]."""
-    return [row(task, v, lr, s, m + NOISE[s % 3], **kw) for v, by_lr in curves.items() for lr, m in by_lr.items()
-            for s in seeds]
+    """Rows from {variant: {lr: mean}}; seed i of the k-th variant adds NOISE[(i + k) % 3]."""
+    return [row(task, v, lr, s, m + NOISE[(s + k) % 3], **kw) for k, (v, by_lr) in enumerate(curves.items())
+            for lr, m in by_lr.items() for s in seeds]
 
 
 def verdict(key, trials):
@@ -39,6 +40,20 @@ LRS = [1e-5, 1e-4, 5e-4, 1e-3, 5e-3]
 
 def flat(m):
     return {lr: m for lr in LRS}
+
+
+def test_cells_of_the_same_seeds_are_compared_seed_by_seed():
+    from lorazoo.study.verdicts import diff, stats
+
+    base = [0.70, 0.78, 0.74]  # seed effects 40x the shift below
+    a = [row("t", "lora", 1e-3, s, m) for s, m in enumerate(base)]
+    b = [row("t", "dora", 1e-3, s, m + 0.01 + e) for s, (m, e) in enumerate(zip(base, [0.001, -0.001, 0.0]))]
+    d, se = diff(stats(b), stats(a))  # paired: the SE of the differences 0.011, 0.009, 0.010
+    assert d == pytest.approx(0.01) and se == pytest.approx(0.001 / 3 ** 0.5)
+    other = [dict(t, config={**t["config"], "seed": t["config"]["seed"] + 3}) for t in b]  # other seeds: pooled
+    d, se = diff(stats(other), stats(a))
+    assert d == pytest.approx(0.01) and se == pytest.approx((2 * 0.04 ** 2 / 3) ** 0.5, rel=0.05)
+    assert diff(tuple(stats(b)), tuple(stats(a)))[1] == pytest.approx(se, rel=0.05)  # plain tuples: pooled
 
 
 # --- the unified study's findings --------------------------------------------------------------
@@ -132,9 +147,10 @@ def test_dora_memory_is_reported_but_not_testable_from_process_memory():
 
 # --- the seeds' claims -------------------------------------------------------------------------
 def drop_rows(means: dict, noise=NOISE, seeds=(0, 1, 2), inp=None):
-    out = [row("t", "lora", 1e-3, s, m + noise[s % 3], rank_dropout=p) for p, m in means.items() for s in seeds]
+    out = [row("t", "lora", 1e-3, s, m + noise[(s + k) % 3], rank_dropout=p)
+           for k, (p, m) in enumerate(means.items()) for s in seeds]
     for q, m in (inp or {}).items():
-        out += [row("t", "lora", 1e-3, s, m + noise[s % 3], dropout=q) for s in seeds]
+        out += [row("t", "lora", 1e-3, s, m + noise[(s + 1) % 3], dropout=q) for s in seeds]
     return out
 
 
@@ -195,7 +211,7 @@ def test_lora_against_full_fine_tuning_and_the_other_baselines():
     def rows(lora, ft, seeds=(0, 1, 2), noise=NOISE):
         out = [row("t", "lora", lr, s, m + noise[s], rank=8, alpha=16, targets=["query", "value"])
                for lr, m in zip(lrs, lora) for s in seeds]
-        out += [row("t", "full_ft", lr, s, m + noise[s]) for lr, m in zip(lrs, ft) for s in seeds]
+        out += [row("t", "full_ft", lr, s, m + noise[(s + 1) % 3]) for lr, m in zip(lrs, ft) for s in seeds]
         return out + [row("t", "bitfit", lr, s, 0.70 + noise[s]) for lr in lrs for s in seeds]
 
     v = verdict("lora_baselines", rows((0.6, 0.80, 0.79, 0.5), (0.6, 0.795, 0.7, 0.5)))
@@ -319,7 +335,7 @@ def test_a_kept_adapter_survives_the_trial(tmp_path, monkeypatch):
 def test_lorma_order_post_against_pre():
     curve = {1e-4: 0.6, 1e-3: 0.80, 1e-2: 0.7}
     pre = [row("s", "lorma_plus", lr, s, m + NOISE[s]) for lr, m in curve.items() for s in range(3)]
-    post = [row("s", "lorma_plus", lr, s, m + (lr == 1e-3) * 0.001 + NOISE[s], lorma_order="post",
+    post = [row("s", "lorma_plus", lr, s, m + (lr == 1e-3) * 0.001 + NOISE[(s + 1) % 3], lorma_order="post",
                 spec={"lorma_order": "post"}) for lr, m in curve.items() for s in range(3)]
     v = verdict("lorma_order", pre + post)
     assert v.verdict == F.HOLDS and "+0.001" in v.ours

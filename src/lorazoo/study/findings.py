@@ -9,8 +9,9 @@ trial of the kind), with our numbers beside the paper's and the reason.
 
 Statistics: a cell is one configuration (task, variant, learning rate, other options) over its
 seeds; it is reported as mean ± sd over seeds. Two cells differ when their difference exceeds
-``Z`` pooled standard errors, sqrt(sd1²/n1 + sd2²/n2); comparisons need at least ``MIN_SEEDS``
-seeds per cell. A variant's "best" is its learning rate with the highest mean (``summary.best_rows``).
+``Z`` standard errors: of the seed-by-seed differences when both ran the same seeds (a seed fixes
+init and data order in every configuration), else pooled, sqrt(sd1²/n1 + sd2²/n2) (verdicts.diff);
+comparisons need at least ``MIN_SEEDS`` seeds per cell. A variant's "best" is its learning rate with the highest mean (``summary.best_rows``).
 Metrics are fractions (accuracy 0.75), so the papers' points are divided by 100.
 """
 from __future__ import annotations
@@ -414,10 +415,10 @@ def check_droplora_best(trials: list[dict]) -> Verdict:
         if d2 - Z * se2 > 0:
             return Verdict(HOLDS, ours, f"0.3 is above the next best rate ({second:g}) by more than 2 SE")
         return Verdict(UNTESTABLE, ours, f"0.3 has the highest mean, {d2:.3f} above {second:g}, within 2 SE "
-                                         f"({se2:.3f}): not resolved")
+                                         f"(SE {se2:.3f}): not resolved")
     if d > Z * se:
-        return Verdict(FAILS, ours, f"{top:g} is above 0.3 by {d:.3f}, more than 2 SE ({se:.3f})")
-    return Verdict(UNTESTABLE, ours, f"{top:g} is above 0.3 by {d:.3f}, within 2 SE ({se:.3f}): not resolved")
+        return Verdict(FAILS, ours, f"{top:g} is above 0.3 by {d:.3f}, more than 2 SE (SE {se:.3f})")
+    return Verdict(UNTESTABLE, ours, f"{top:g} is above 0.3 by {d:.3f}, within 2 SE (SE {se:.3f}): not resolved")
 
 
 def _lorma_grid(trials: list[dict]):
@@ -686,7 +687,8 @@ def markdown(trials: list[dict]) -> str | None:
         return None
     lines = ["## Findings", "",
              f"Each claim beside the paper's numbers. Cells are mean ± sd over seeds; a difference counts when it "
-             f"exceeds {Z:g} pooled standard errors; comparisons need {MIN_SEEDS}+ seeds per cell. \"not run\": "
+             f"exceeds {Z:g} standard errors (of the seed-by-seed differences where both cells ran the same seeds, "
+             f"else pooled); comparisons need {MIN_SEEDS}+ seeds per cell. \"not run\": "
              f"this study has no trials for it (its suite is named).", "",
              "| finding | source | verdict |", "|---|---|---|"]
     lines += [f"| {f.title} | {f.source} | **{v.verdict}** |" for f, v in results]
