@@ -566,20 +566,17 @@ def check_lora_baselines(trials: list[dict]) -> Verdict:
         return Verdict(NOT_RUN, "", "no full fine-tuning and LoRA-on-query/value trials on the same task")
     task = tasks[0]
     rank = 8 if (task, 8) in loras else max((r for t, r in loras if t == task), key=lambda r: len(loras[(task, r)]))
-    lora = loras[(task, rank)]
-    (llr, ls), (flr, fs) = best(lora), best(_best_config(trials, "full_ft", task))
+    lora, ft = loras[(task, rank)], _best_config(trials, "full_ft", task)
+    (llr, ls), (flr, fs) = best(lora), best(ft)
     d, se = diff(ls, fs)
     parts = [f"{task}: LoRA r={rank} {fmt(ls)} at {llr:g}", f"full_ft {fmt(fs)} at {flr:g}: LoRA {d:+.3f} ± {se:.3f}"]
     for b in BASELINES:
-        if b == "full_ft":
-            continue
-        by_lr = _best_config(trials, b, task)
+        by_lr = _best_config(trials, b, task) if b != "full_ft" else None
         if by_lr:
             blr, bs = best(by_lr)
             parts.append(f"{b} {fmt(bs)} at {blr:g} ({diff(bs, ls)[0]:+.3f})")
     ours = "; ".join(parts)
-    why = (_not_tuned(lora, f"LoRA r={rank}") or _not_tuned(_best_config(trials, "full_ft", task), "full fine-tuning")
-           or _not_learned(lora[llr]))
+    why = _not_tuned(lora, f"LoRA r={rank}") or _not_tuned(ft, "full fine-tuning") or _not_learned(lora[llr])
     if why:
         return Verdict(UNTESTABLE, ours, why)
     if not math.isfinite(se):
