@@ -40,6 +40,17 @@ def test_factorization_matches_lycoris():
     assert factorization(128, 64) == (2, 64)  # LyCORIS sorts: the small factor comes first
 
 
+def test_peft_file_factorization_matches_peft():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    from lorazoo.peft_format import peft_factorization as ours
+
+    for dim in (1, 7, 12, 128, 768, 1000, 11008):
+        for factor in (-1, 4, 8, 16, 64, 100):
+            assert ours(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+    assert ours(128, 64) == (64, 2)  # PEFT keeps (factor, dimension/factor) unsorted
+
+
 @pytest.mark.parametrize("rank,factor", [(2, -1), (4, -1), (5, 2), (6, 2)])
 def test_matches_dense_reference(rank, factor):
     model, handle = adapted("lokr", rank=rank, alpha=6, lokr_factor=factor)

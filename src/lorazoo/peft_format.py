@@ -69,7 +69,7 @@ from .conv import is_conv2d
 from .embedding import is_embedding
 from .errors import LorazooError
 from .files import _atomic
-from .forms.lokr import kron_shapes
+from .forms.lokr import balanced_split, kron_shapes
 from .layer import is_conv1d
 
 PREFIX = "base_model.model."
@@ -86,17 +86,7 @@ def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     dimension gives (factor, dimension/factor) unsorted."""
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
-    cap = dimension if factor == -1 else factor
-    m, n = 1, dimension
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m:
-            new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > m + n or new_m > cap:
-            break
-        m, n = new_m, new_n
-    return (n, m) if m > n else (m, n)
+    return balanced_split(dimension, dimension if factor == -1 else factor)
 
 
 def peft_lokr_shapes(fin: int, fout: int, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:

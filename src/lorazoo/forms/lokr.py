@@ -21,7 +21,12 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     if factor > 0 and dimension % factor == 0:
         m, n = factor, dimension // factor
         return (m, n) if m <= n else (n, m)
-    cap = dimension if factor < 0 else factor
+    return balanced_split(dimension, dimension if factor < 0 else factor)
+
+
+def balanced_split(dimension: int, cap: int) -> tuple[int, int]:
+    """(m, n), m <= n, m·n = dimension: the divisor pair nearest sqrt(dimension) with m <= ``cap``,
+    searched upwards from (1, dimension) while m + n does not grow (LyCORIS's and PEFT's loop)."""
     m, n = 1, dimension
     while m < n:
         new_m = m + 1
