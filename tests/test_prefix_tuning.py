@@ -5,7 +5,8 @@ activations concatenated in front of the embedding output, the attention mask ex
 the prefix positions overwritten after each block for PreLayer, the prefix dropped before the pooler), with
 padding in the batch; trainable counts against |Θ| = d·l_p and L·d·l_p; the init; disabled/delete give the
 base exactly; save/load; merge refused; training; refusals before any change. The generic contract's
-TinyNet has no sequence, so its checks are run here on the tiny BERT.
+TinyNet has no sequence, so its checks are run here on the tiny BERT. Tiny RoBERTa and XLM-RoBERTa against
+the same reference (their head reads <s>, their positions start after the padding index).
 
 Not compared with PEFT: its prompt tuning prepends to the raw word embeddings (before the position
 embeddings and LayerNorm, shifting the real tokens to positions l_p..), a different function."""
@@ -360,3 +361,66 @@ def test_a_non_2d_mask_is_refused_at_the_forward():
 def test_presets_use_the_papers_prefix_lengths():
     assert AdapterSpec.preset("prefix_embed").options["prefix_tokens"] == 256  # Table 4/15: l_p = 256, l_i = 8
     assert AdapterSpec.preset("prefix_layer").options["prefix_tokens"] == 8    # Table 4/15: l_p = 8, l_i = 8
+
+
+# --- RoBERTa-family encoders: the same function, positions counted from the padding index ------------------
+def roberta(kind, seed=0):
+    """A tiny RoBERTa / XLM-RoBERTa classifier (padding index 1, so positions start at 2)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(kind, vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=2,
+                               intermediate_size=I, max_position_embeddings=32 + 2, num_labels=2, pad_token_id=1,
+                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return AutoModelForSequenceClassification.from_config(cfg).double().eval()
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta"])
+@pytest.mark.parametrize("name", NAMES)
+def test_roberta_family_matches_the_papers_description(kind, name, tmp_path):
+    """Logits against the reference (prefix in front of the embedding output, mask extended, PreLayer's block
+    outputs overwritten, the head reading the first real token <s>), trainable names, disabled and save/load."""
+    model = roberta(kind)
+    ids = IDS.clamp(min=2)  # no padding token inside the text: RoBERTa would give it the padding position
+    h = lorazoo.adapt(model, spec(name))
+    perturb(h, scale=0.5)
+    sd = h.state_dict()
+    names = ["roberta.embeddings.prefix"] + [f"roberta.encoder.layer.{i}.prefix" for i in range(L - 1)] * (
+        name == "prefix_layer")
+    assert sorted(k for k in sd if not k.startswith("classifier.")) == sorted(names)
+    prefixes = [sd[k] for k in names]
+
+    base = roberta(kind)
+    head = roberta(kind).classifier
+    head.load_state_dict({k[len("classifier."):]: v for k, v in sd.items() if k.startswith("classifier.")})
+    n, B = P, ids.shape[0]
+    with torch.no_grad():
+        hs = torch.cat([prefixes[0].expand(B, -1, -1), base.roberta.embeddings(input_ids=ids)], dim=1)
+        m = torch.cat([torch.ones(B, n, dtype=torch.float64), MASK.double()], dim=1)
+        additive = (1.0 - m)[:, None, None, :] * torch.finfo(torch.float64).min
+        for i, block in enumerate(base.roberta.encoder.layer):
+            hs = block(hs, additive)
+            hs = hs[0] if isinstance(hs, tuple) else hs
+            if i + 1 < len(prefixes):
+                hs = torch.cat([prefixes[i + 1].expand(B, -1, -1), hs[:, n:]], dim=1)
+        ref = head(hs[:, n:])
+        out = model(input_ids=ids, attention_mask=MASK).logits
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        expected = base(input_ids=ids, attention_mask=MASK).logits
+        with h.disabled():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=MASK).logits, expected, rtol=0, atol=0)
+    h.save(tmp_path)
+    fresh = roberta(kind)
+    lorazoo.load(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids, attention_mask=MASK).logits, out, rtol=1e-12, atol=1e-12)
+
+
+def test_roberta_prefix_longer_than_the_position_table_starts_from_chunks():
+    """A prefix longer than RoBERTa's 32 positions (its table has 34 rows: the first 2 are before the padding
+    index) is initialized in chunks that each fit the table."""
+    model = roberta("roberta")
+    h = lorazoo.adapt(model, spec("prefix_embed", prefix_tokens=70))
+    assert h.state_dict()["roberta.embeddings.prefix"].shape == (70, D)
+    with torch.no_grad():
+        assert model(input_ids=IDS.clamp(min=2)).logits.isfinite().all()

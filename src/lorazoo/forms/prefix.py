@@ -48,8 +48,9 @@ Choices:
   contract skips that check.
 - Not mergeable: the prefix lengthens the sequence, no weight change gives the same function;
   ``handle.merge()`` raises NotMergeableError.
-- Models: BERT-family encoders (``config.model_type`` "bert": BERT, MiniLM) reached as the base model of a
-  task model (BertForSequenceClassification...). Decoders (Llama, GPT-2, BertLMHeadModel) are refused before
+- Models: BERT-family encoders (``config.model_type`` "bert": BERT, MiniLM; "roberta", "xlm-roberta": their
+  base models run as BertModel does, with positions counted from the padding index) reached as the base model
+  of a task model (BertForSequenceClassification, RobertaForSequenceClassification...). Decoders (Llama, GPT-2, BertLMHeadModel) are refused before
   the model is changed: the prefix there shifts positions (RoPE, absolute), needs a causal mask over it and
   belongs in the generation KV cache, which this does not do. PEFT's prompt tuning is not the same
   function: it prepends to the raw word embeddings, before the position embeddings and LayerNorm, so the
@@ -76,7 +77,8 @@ from ..parts import check_number
 from ..registry import FORMS
 from ..saved import SavedModule
 
-_FAMILY = ("bert",)  # config.model_type values whose base model runs as BertModel does (tested: BERT, MiniLM)
+_FAMILY = ("bert", "roberta", "xlm-roberta")  # config.model_type values whose base model runs as BertModel does
+# (tested: BERT, MiniLM, RoBERTa, XLM-RoBERTa)
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -177,7 +179,7 @@ class PrefixCopy:
     @torch.no_grad()
     def initial(self, base: nn.Module) -> list[torch.Tensor]:
         """The base model's embedding output and block outputs (L + 1 tensors (l_p, d)) for l_p vocabulary
-        tokens drawn with the spec's seed, run as sequences of at most max_position_embeddings tokens."""
+        tokens drawn with the spec's seed, run as sequences no longer than the position table allows."""
         g = torch.Generator().manual_seed(self.seed)
         config = base.config
         ids = torch.randint(config.vocab_size, (self.tokens,), generator=g)
@@ -185,8 +187,10 @@ class PrefixCopy:
         training = base.training
         base.eval()
         chunks = []
+        # RoBERTa's positions start after its padding index: padding_idx + 1 of the table's rows are not positions
+        longest = config.max_position_embeddings - (getattr(base.embeddings, "padding_idx", -1) + 1)
         try:  # the embeddings, then block by block (one unpadded sequence: no mask), as BertModel's forward
-            for c in ids.split(config.max_position_embeddings):
+            for c in ids.split(longest):
                 states = [base.embeddings(input_ids=c[None].to(device))]
                 for block in base.encoder.layer:
                     out = block(states[-1], None)
