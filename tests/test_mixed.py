@@ -194,3 +194,26 @@ def test_refusals():
         with mixed_batch(model, ["a"]):
             pass
     assert all(getattr(m, "mixed", None) is None for m in model.modules())
+
+
+def test_prefix_tuned_encoder_runs_per_adapter_with_its_mask():
+    """Prefix tuning saves the whole encoder: its copy runs on the adapter's samples with their rows of the
+    attention mask, the base on the others, and transformers' outputs come back in batch order."""
+    from test_prefix_tuning import IDS, MASK, bert
+
+    model = bert()
+    h = lorazoo.adapt(model, S.preset("prefix_layer", prefix_tokens=3, modules_to_save=["classifier"]), name="p")
+    perturb(h, scale=0.5)
+    names = ["p", None, "p"]
+    with torch.no_grad():
+        want = []
+        for i, n in enumerate(names):
+            lorazoo.activate(model, *([n] if n else []))
+            want.append(model(input_ids=IDS[i:i + 1], attention_mask=MASK[i:i + 1]).logits)
+        lorazoo.activate(model, "p")
+        with mixed_batch(model, names):
+            got = model(input_ids=IDS, attention_mask=MASK).logits
+            with pytest.raises(lorazoo.LorazooError, match="different shapes"):
+                model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-10, atol=1e-12)
+    assert (want[1] - want[0]).abs().max() > 1e-4  # the prefix changes its samples

@@ -17,8 +17,9 @@ zero for the base; a batch gathers its samples' slots and runs two batched matmu
 one LoRA of rank k per sample whatever K. The stacks are built on the first batch and kept on the
 layer until an adapter or the base changes (:class:`Stacked`), so later batches pay no setup.
 
-Modules saved in full with an adapter (``modules_to_save``, a classifier head) run per adapter on
-that adapter's samples: a loop over the K adapters of the batch, on the small head only.
+Modules saved in full with an adapter (``modules_to_save``, a classifier head; the encoder a prefix is
+put in) run per adapter on that adapter's samples: a loop over the K adapters of the batch, with the
+per-sample arguments (an attention mask) cut to those samples.
 
 Inference only (the model in eval mode; the factors are read once on entry, without gradients).
 Forms whose update depends on the input (routed experts, nonlinear forms) or that transform the
@@ -27,7 +28,7 @@ output (LoRMA) have no per-sample weight update and are refused, as are merged a
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,27 +143,57 @@ def _tensors(adapter: nn.Module):
 
 
 class MixedSaved:
-    """A module saved in full per adapter (a head): each adapter's copy on its own samples."""
+    """A module saved in full per adapter (a head, or a prefix-tuned encoder): each adapter's copy on its own
+    samples, with the per-sample arguments (tensors whose first dimension is the batch: an attention mask) cut
+    to those samples and the outputs (tensors, tuples, transformers' ModelOutputs) put back in batch order."""
 
     def __init__(self, saved: SavedModule, slots: list[str], index: torch.Tensor):
         self.saved, self.slots, self.index = saved, slots, index
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if x.shape[0] != len(self.index):
-            raise LorazooError(f"mixed_batch got {len(self.index)} adapter names but the batch at a saved module "
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        n = len(self.index)
+        if x.shape[0] != n:
+            raise LorazooError(f"mixed_batch got {n} adapter names but the batch at a saved module "
                                f"has {x.shape[0]} samples; give one name (or None) per sample")
-        out = None
+        parts, where = [], []
         index = self.index.to(x.device)
         for k, name in enumerate([*self.slots, None]):
             rows = (index == k).nonzero().flatten()
             if not len(rows):
                 continue
             mod = self.saved.copies[name] if name in self.saved.copies else self.saved.original
-            part = mod(x[rows], *args, **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            cut = [_cut(a, rows, n) for a in args]
+            parts.append(mod(x[rows], *cut, **{key: _cut(v, rows, n) for key, v in kwargs.items()}))
+            where.append(rows)
+        return _gather(parts, where, n)
+
+
+def _cut(value, rows: torch.Tensor, n: int):
+    """``value`` at the samples ``rows`` when it is a per-sample tensor (first dimension n), else as it is."""
+    return value[rows] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n else value
+
+
+def _gather(parts: list, where: list[torch.Tensor], n: int):
+    """The sub-batches' outputs ``parts`` (of rows ``where``) as one batch of n: tensors scattered, tuples,
+    lists and mappings (ModelOutput) field by field, anything else (None) taken from the first part."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise LorazooError(f"mixed_batch: the adapters' outputs at a saved module have different shapes "
+                               f"{sorted(shapes)} per sample (e.g. hidden states that keep a prefix); ask the model "
+                               f"for fewer outputs (output_hidden_states=False)")
+        out = first.new_empty((n, *first.shape[1:]))
+        for part, rows in zip(parts, where):
             out[rows] = part
         return out
+    if isinstance(first, Mapping):
+        fields = {key: _gather([p[key] for p in parts], where, n) for key in first}
+        return type(first)(**fields)
+    if isinstance(first, (tuple, list)):
+        fields = [_gather([p[i] for p in parts], where, n) for i in range(len(first))]
+        return type(first)(*fields) if hasattr(first, "_fields") else type(first)(fields)  # namedtuple or not
+    return first
 
 
 def _lowrank(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
