@@ -231,7 +231,10 @@ def test_every_finding_says_not_run_without_trials_and_the_section_is_left_out()
     assert F.markdown([]) is None
     text = F.markdown(grid_rows({"lora": {1e-4: 0.70}, "dora": {1e-4: 0.80}}))
     assert text.startswith("## Findings") and "| Tuned LoRA matches the best variant |" in text
-    assert "Not run:" in text and "--suite droplora" in text
+    table = text.split("### ")[0]
+    assert "Rank dropout beats LoRA" not in table  # claims without trials are listed once, at the end
+    missing = text.split("### Not run in this study")[1]
+    assert "- Rank dropout beats LoRA (DropLoRA, Tables 1-4):" in missing and "--suite droplora" in missing
 
 
 def test_the_report_has_a_findings_section(tmp_path):

@@ -682,19 +682,21 @@ def markdown(trials: list[dict]) -> str | None:
     results = evaluate(trials)
     if all(v.verdict == NOT_RUN for _, v in results):
         return None
+    ran = [(f, v) for f, v in results if v.verdict != NOT_RUN]
     lines = ["## Findings", "",
              f"Each claim beside the paper's numbers. Cells are mean ± sd over seeds; a difference counts when it "
              f"exceeds {Z:g} standard errors (of the seed-by-seed differences where both cells ran the same seeds, "
-             f"else pooled); comparisons need {MIN_SEEDS}+ seeds per cell. \"not run\": "
-             f"this study has no trials for it (its suite is named).", "",
+             f"else pooled); comparisons need {MIN_SEEDS}+ seeds per cell. The claims this study has no trials "
+             f"for are listed last, with the suite that runs them.", "",
              "| finding | source | verdict |", "|---|---|---|"]
-    lines += [f"| {f.title} | {f.source} | **{v.verdict}** |" for f, v in results]
+    lines += [f"| {f.title} | {f.source} | **{v.verdict}** |" for f, v in ran]
     lines.append("")
-    for f, v in results:
-        lines += [f"### {f.title}: {v.verdict}", "", f"- Claim: {f.claim}.", f"- Paper: {f.paper}."]
-        if v.verdict == NOT_RUN:
-            lines.append(f"- Not run: {v.reason} (`lorazoo study --suite {f.suite}`).")
-        else:
-            lines += [f"- Here: {v.ours}." if v.ours else "- Here: –", f"- Why: {v.reason}."]
+    for f, v in ran:
+        lines += [f"### {f.title}: {v.verdict}", "", f"- Claim: {f.claim}.", f"- Paper: {f.paper}.",
+                  f"- Here: {v.ours}." if v.ours else "- Here: –", f"- Why: {v.reason}.", ""]
+    missing = [(f, v) for f, v in results if v.verdict == NOT_RUN]
+    if missing:
+        lines += ["### Not run in this study", ""]
+        lines += [f"- {f.title} ({f.source}): {v.reason} (`lorazoo study --suite {f.suite}`)." for f, v in missing]
         lines.append("")
     return "\n".join(lines)
