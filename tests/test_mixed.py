@@ -213,6 +213,9 @@ def test_prefix_tuned_encoder_runs_per_adapter_with_its_mask():
         lorazoo.activate(model, "p")
         with mixed_batch(model, names):
             got = model(input_ids=IDS, attention_mask=MASK).logits
+            embeds = model.get_input_embeddings()(IDS)  # the encoder called without input_ids: rows still cut
+            torch.testing.assert_close(model(inputs_embeds=embeds, attention_mask=MASK).logits, got,
+                                       rtol=1e-10, atol=1e-12)
             with pytest.raises(lorazoo.LorazooError, match="different shapes"):
                 model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True)
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-10, atol=1e-12)

@@ -150,20 +150,21 @@ class MixedSaved:
     def __init__(self, saved: SavedModule, slots: list[str], index: torch.Tensor):
         self.saved, self.slots, self.index = saved, slots, index
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         n = len(self.index)
-        if x.shape[0] != n:
-            raise LorazooError(f"mixed_batch got {n} adapter names but the batch at a saved module "
-                               f"has {x.shape[0]} samples; give one name (or None) per sample")
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+        if first is None or first.shape[0] != n:
+            got = "no tensor input" if first is None else f"{first.shape[0]} samples"
+            raise LorazooError(f"mixed_batch got {n} adapter names but the batch at a saved module has {got}; "
+                               f"give one name (or None) per sample")
         parts, where = [], []
-        index = self.index.to(x.device)
+        index = self.index.to(first.device)
         for k, name in enumerate([*self.slots, None]):
             rows = (index == k).nonzero().flatten()
             if not len(rows):
                 continue
             mod = self.saved.copies[name] if name in self.saved.copies else self.saved.original
-            cut = [_cut(a, rows, n) for a in args]
-            parts.append(mod(x[rows], *cut, **{key: _cut(v, rows, n) for key, v in kwargs.items()}))
+            parts.append(mod(*[_cut(a, rows, n) for a in args], **{key: _cut(v, rows, n) for key, v in kwargs.items()}))
             where.append(rows)
         return _gather(parts, where, n)
 
