@@ -220,3 +220,29 @@ def test_prefix_tuned_encoder_runs_per_adapter_with_its_mask():
                 model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True)
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-10, atol=1e-12)
     assert (want[1] - want[0]).abs().max() > 1e-4  # the prefix changes its samples
+
+
+def test_a_saved_module_that_returns_a_scalar_is_refused():
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(x).square().mean()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.out = nn.Linear(12, 12), Loss()
+
+        def forward(self, x):
+            return self.out(self.fc1(x))
+
+    model = Net().double()
+    for name in ("p", "q"):
+        lorazoo.adapt(model, S(rank=2, targets=["fc1"], modules_to_save=["out"]), name=name)
+    model.eval()
+    with pytest.raises(lorazoo.LorazooError, match="returned a scalar"):
+        with mixed_batch(model, ["p", "q"]), torch.no_grad():
+            model(torch.randn(2, 12, dtype=torch.float64))

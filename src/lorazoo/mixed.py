@@ -179,6 +179,9 @@ def _gather(parts: list, where: list[torch.Tensor], n: int):
     lists and mappings (ModelOutput) field by field, anything else (None) taken from the first part."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
+        if not first.dim():
+            raise LorazooError("mixed_batch: a saved module returned a scalar (a loss over its samples), which "
+                               "has no per-sample rows to put back; compute the loss outside the saved module")
         shapes = {tuple(p.shape[1:]) for p in parts}
         if len(shapes) > 1:
             raise LorazooError(f"mixed_batch: the adapters' outputs at a saved module have different shapes "
