@@ -74,6 +74,10 @@ def test_plan_against_peft():
     assert "PEFT's lora has no rank dropout" in skipped["peft:droplora"]
     config, _ = peft_equivalent(parse_spec("rslora", cfg), cfg)
     assert config.use_rslora and config.r == 4 and config.lora_alpha == 16
+    config, _ = peft_equivalent(parse_spec("hira:scale=constant:alpha=1", cfg), cfg)  # PEFT's HiRA: no scale
+    assert type(config).__name__ == "HiraConfig" and config.r == 4
+    config, reason = peft_equivalent(parse_spec("hira", cfg), cfg)
+    assert config is None and "scale=constant:alpha=1" in reason
 
 
 def test_paper_ranks_add_each_presets_own_rank():

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorazoo
-from lorazoo.forms.hira import HadamardLinear
+from lorazoo.forms.dense import DenseLinear
 from tiny import TinyNet, adapted, layer_input, perturb, rank_mask_draw, single_layer, train
 
 
@@ -47,11 +47,13 @@ def test_gradients_match_dense_autograd():
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
 
 
-def test_hadamard_function_gradcheck_on_3d_inputs():
+def test_hadamard_update_gradcheck_on_3d_inputs():
+    """x (W ⊙ BA)ᵀ through the shared dense function, W included, against finite differences."""
     gen = torch.Generator().manual_seed(0)
     x, W, B, A = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
                   for s in ((2, 3, 5), (4, 5), (4, 2), (2, 5)))
-    assert torch.autograd.gradcheck(HadamardLinear.apply, (x, W, B, A))
+    assert torch.autograd.gradcheck(lambda *t: DenseLinear.apply(t[0], lambda w, b, a: w * (b @ a), *t[1:]),
+                                    (x, W, B, A))
 
 
 def test_starts_as_base_with_b_zero_and_b_learns_at_once():

@@ -50,6 +50,15 @@ class Adapter(nn.Module):
         inp = self.dropout(y if self.form.multiplicative else x)
         return self.form(inp, y, weight, self.rank_mask(y.device, y.dtype))
 
+    def fused(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """x (W0 + ΔW)ᵀ in one matmul (no bias) for a dense form (forms/dense.py); None where the base
+        must see another input than the update (input dropout in training) or under autocast."""
+        if not self.form.fusable or (self.training and isinstance(self.dropout, nn.Dropout)) \
+                or torch.is_autocast_enabled(x.device.type):
+            return None
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        return self.form.fused(x, weight, self.rank_mask(x.device, dtype))
+
     @torch.no_grad()
     def shift_base(self, weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> None:
         """Add B @ A to the frozen ``weight`` (out, in) in place and record it in the base shift."""
@@ -167,6 +176,10 @@ class AdaptedLayer(nn.Module):
             return self._quantized_forward(x, running, shifted, *args, **kwargs)
         weight = self.linear_weight()
         bias = self.base.bias
+        if len(running) == 1 and not shifted:  # a dense form alone folds the base matmul into its own
+            y = self.adapters[running[0]].fused(x, weight)
+            if y is not None:
+                return y if bias is None else y + bias
         # Additive forms only add to y, so the bias can go in with the base matmul (one fused op);
         # forms that read y (DoRA, LoRMA) need W x alone and get the bias at the end.
         late_bias = bias is not None and any(

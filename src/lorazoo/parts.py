@@ -85,6 +85,8 @@ class Form(nn.Module, Part):
     zero_init: bool = True      # the paper starts from the base model (zero update or identity)
     rank_bound: str = "r"       # rank of the update as a function of r, for docs and tests
     adapts_layers: bool = True  # False: the adapter trains base parameters only (FT, BitFit; lorazoo.baselines)
+    fusable: bool = False       # ΔW is formed as an (out, in) matrix each step (forms/dense.py): the layer may
+    #                             run x (W0 + ΔW)ᵀ in one matmul through ``fused`` when it runs alone
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float,
                  opts: dict[str, Any], ctx: "BuildContext"):

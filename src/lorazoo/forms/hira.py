@@ -16,14 +16,15 @@ training step, multiply-adds counted as 2):
 The dense route is cheaper as soon as T·r > 1.5·T + 2·r, i.e. for every r >= 2 beyond a handful of
 tokens (about (2/3)·r times cheaper for T >> r: 5x at r = 8; measured forward + backward on 2 CPU
 threads, out = in = 512, T = 512, r = 8: 339 ms factored, 81 ms dense; 1024, T = 2048, r = 16:
-6.2 s against 0.43 s). It is what this form does, as the authors' code does (it forms
-W0 ⊙ (1 + BA) each forward). Either way the update costs whole
-base-sized matmuls, where LoRA's costs 6·T·r·(in + out): on an adapted layer HiRA's training step is
-about 10·T·out·in against LoRA's 4·T·out·in (base forward and input gradient), ~2.5x, a property of
-Eq. 17, not of this code. (Folding the base matmul in, x (W0 ⊙ (1 + s·BA))ᵀ as the authors do,
-would make the layer 6·T·out·in instead of 10·T·out·in, but needs the layer to skip its own W0 x.)
+6.2 s against 0.43 s). It is what this form does, as the authors' code does. Either way the update
+costs whole base-sized matmuls, where LoRA's costs 6·T·r·(in + out). When HiRA is the layer's only
+running adapter, the layer folds the base matmul in, x (W0 ⊙ (1 + s·BA))ᵀ as the authors' forward
+does (forms/dense.py): the layer's step is then 6·T·out·in instead of 10·T·out·in (base forward and
+input gradient, plus the update's three), against LoRA's 4·T·out·in. Measured (512 -> 1376, 512
+tokens, one thread, forward + backward beside LoRA in one run): 2.1x LoRA's time before the fold,
+1.0-1.6x after; `lorazoo bench --layers 2`: 1.63x -> 1.21x LoRA's step.
 
-Memory. A custom autograd function keeps only x, B, A and a reference to W0 for backward and
+Memory. The shared dense autograd function keeps only x, B, A and a reference to W0 for backward and
 recomputes D there (2·r·out·in FLOPs more), so no (out, in) tensor lives from forward to backward:
 activation memory is LoRA's; the (out, in) temporaries exist only inside one layer's forward or
 backward.
@@ -39,46 +40,18 @@ multiplicative mask on W0, not an additive update, so their SVD/gradient choices
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import NotMergeableError
 from ..parts import Form
 from ..registry import FORMS
+from .dense import DenseForm
 from .lora import LoRA
-
-
-class HadamardLinear(torch.autograd.Function):
-    """x (W ⊙ (B A))ᵀ with D = W ⊙ (B A) recomputed in backward instead of saved."""
-
-    @staticmethod
-    def forward(ctx, x, weight, B, A):
-        ctx.save_for_backward(x, weight, B, A)
-        return F.linear(x, weight * (B @ A))
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, B, A = ctx.saved_tensors
-        need_x, need_w, need_B, need_A = ctx.needs_input_grad
-        P = B @ A                                  # (out, in), recomputed
-        grad_x = grad_w = grad_B = grad_A = None
-        if need_x:
-            grad_x = g.matmul(weight * P)
-        if need_w or need_B or need_A:
-            grad_D = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in)
-            if need_w:
-                grad_w = grad_D * P
-            grad_P = grad_D.mul_(weight)
-            if need_B:
-                grad_B = grad_P @ A.T
-            if need_A:
-                grad_A = B.T @ grad_P
-        return grad_x, grad_w, grad_B, grad_A
 
 
 @FORMS.register("hira", paper="HiRA (Huang et al., 2025) [45]",
                 equations="study Eq. 17: ΔW = s·W0 ⊙ (B A); rank(ΔW) <= rank(W0)·r",
                 summary="Hadamard product of the frozen weight with a rank-r product: high-rank update")
-class HiRA(LoRA):
+class HiRA(DenseForm, LoRA):
     """h = W0 x + (W0 ⊙ s·B diag(m) A) x with LoRA's A (Kaiming-uniform) and B (zero); see the module
     docstring for the cost analysis and choices."""
 
@@ -86,15 +59,9 @@ class HiRA(LoRA):
     plain_product = False
     factors = Form.factors  # B·A multiplies W0 elementwise: no plain additive factors for inits
 
-    def scaled_b(self, mask: torch.Tensor | None) -> torch.Tensor:
-        """s·B diag(m), (out, r)."""
-        return self.rank_masked(self.B, mask) * self.scale
-
-    def forward(self, x, y, weight, mask=None):
-        return y + HadamardLinear.apply(x, weight, self.scaled_b(mask), self.A)
-
-    def delta_weight(self, weight):
-        return weight * (self.B @ self.A) * self.scale
+    def dense_update(self, weight, B, A, mask):
+        """ΔW = W0 ⊙ (s·B diag(m) A) (Eq. 17)."""
+        return weight * ((self.rank_masked(B, mask) * self.scale) @ A)
 
     # --- merge: W' = W ⊙ (1 + s·BA), unmerge W = W' / (1 + s·BA) -----------------------------
     def _gain(self, weight: torch.Tensor) -> torch.Tensor:

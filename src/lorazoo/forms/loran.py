@@ -19,12 +19,14 @@ Consequences, which differ from Aurora's between-the-factors nonlinearity:
   to W) and inference after merging costs nothing.
 - f(BA) is generally full rank (the paper's point), and has no factored form: the forward forms the
   dense (out, in) update, as the authors' forward does (``x @ af(B @ A)``). A training step then
-  costs, per adapted layer, 3·out·in·r for B·A and the gradients of B and A, a few elementwise passes over
-  out·in, and 3·tokens·in·out to apply ΔW and get the gradients of x and ΔW, against LoRA's
-  6·tokens·r·(in + out): about 1.5 more times the frozen layer's own step work. This is the method,
-  not this implementation; merged, inference costs nothing extra. Memory: one autograd function
-  (:class:`_SinterLinear`) keeps only x (kept by the base matmul anyway) and B·A for backward and
-  recomputes ΔW, sin and cos there, so autograd holds one (out, in) tensor per layer, not four.
+  costs, per adapted layer, 3·out·in·r for B·A (twice: it is recomputed in backward) and the gradients
+  of B and A, a few elementwise passes over out·in, and 3·tokens·in·out to apply ΔW and get the
+  gradients of x and ΔW, against LoRA's 6·tokens·r·(in + out). This is the method, not this
+  implementation. When LoRAN is the layer's only running adapter, the base matmul is folded in,
+  x (W0 + ΔW)ᵀ (forms/dense.py), so the layer's step costs 3·tokens·in·out in all, against the frozen
+  layer's own 2; merged, inference costs nothing extra. Memory: the shared dense autograd function
+  keeps only x, B and A for backward and recomputes ΔW (and f's derivative, through autograd)
+  there, so autograd holds no (out, in) tensor per layer between forward and backward.
 - At the default a = 5e-5 the Sinter term is below the resolution of bf16/fp16 entries of B·A (about
   4e-3 and 5e-4 relative), so in half precision the update rounds to s·B·A (the authors' adapters are
   float32).
@@ -38,11 +40,10 @@ follows the authors' code.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..parts import check_number
 from ..registry import FORMS
-from .nonlinear import NonlinearLoRA
+from .nonlinear import EntrywiseNonlinear
 
 
 def sinter(P: torch.Tensor, amplitude: float, frequency: float) -> torch.Tensor:
@@ -50,40 +51,12 @@ def sinter(P: torch.Tensor, amplitude: float, frequency: float) -> torch.Tensor:
     return torch.addcmul(P, P, torch.sin(P * frequency), value=amplitude)
 
 
-class _SinterLinear(torch.autograd.Function):
-    """x (s·f(P))^T, keeping only x and P for backward (x is kept by the base layer's matmul anyway).
-
-    Backward recomputes ΔW = s·f(P) for x's gradient and f'(P) = 1 + a·sin(ωP) + a·ω·P·cos(ωP) for
-    P's: autograd holds one (out, in) tensor per layer instead of three or four.
-    """
-
-    @staticmethod
-    def forward(ctx, x, P, amplitude, frequency, scale):
-        ctx.save_for_backward(x, P)
-        ctx.consts = amplitude, frequency, scale
-        return F.linear(x, sinter(P, amplitude, frequency) * scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, P = ctx.saved_tensors
-        a, w, s = ctx.consts
-        grad_x = grad_P = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ (sinter(P, a, w) * s)
-        if ctx.needs_input_grad[1]:
-            wP = P * w
-            slope = torch.addcmul(torch.sin(wP).mul_(a).add_(1.0), wP, torch.cos(wP), value=a)
-            grad_W = grad.reshape(-1, grad.shape[-1]).mT @ x.reshape(-1, x.shape[-1])  # (out, in)
-            grad_P = grad_W.mul_(slope).mul_(s)
-        return grad_x, grad_P, None, None, None
-
-
 @FORMS.register("loran", paper="LoRAN (Li, Song, Hou, 2024, 'Improved Low-Rank Adaptation by a Non-Linear "
                 "Transformation') [74]",
                 equations="authors' code (mlora.py get_delta_weight, Sin): ΔW = s·f(B A), f(z) = z + a·z·sin(ω z) "
                 "entrywise, a = 5e-5, ω = 1e4",
                 summary="LoRA whose product B·A passes entrywise through Sinter; full-rank ΔW, mergeable, dense")
-class LoRAN(NonlinearLoRA):
+class LoRAN(EntrywiseNonlinear):
     """ΔW = s·f(B diag(m) A), f(z) = z + a·z·sin(ωz) (Sinter), a = ``loran_amplitude``, ω = ``loran_frequency``."""
 
     options = {"loran_amplitude": 5e-5, "loran_frequency": 1e4}
@@ -99,12 +72,5 @@ class LoRAN(NonlinearLoRA):
         self.amplitude = float(opts.get("loran_amplitude", 5e-5))
         self.frequency = float(opts.get("loran_frequency", 1e4))
 
-    def product(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """B diag(m) A, (out, in)."""
-        return (self.B if mask is None else self.B * mask) @ self.A
-
-    def delta(self, x, mask):
-        return _SinterLinear.apply(x, self.product(mask), self.amplitude, self.frequency, self.scale)
-
-    def delta_weight(self, weight):
-        return sinter(self.product(), self.amplitude, self.frequency) * self.scale
+    def entrywise(self, P: torch.Tensor) -> torch.Tensor:
+        return sinter(P, self.amplitude, self.frequency)

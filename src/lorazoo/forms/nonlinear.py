@@ -8,7 +8,7 @@ nonlinearity into the update, in one of two places:
   ΔW: merging is refused with NotMergeableError. The cost over LoRA is φ on (tokens x r) values.
 - on the entries of the product (LoRAN, forms/loran.py): ΔW = s·f(B diag(m) A), a fixed (out, in)
   matrix, mergeable, but dense: f has no factored form. :class:`EntrywiseNonlinear` is this case for
-  any f given with its derivative (SineLoRA, forms/sinelora.py); its autograd function recomputes
+  any f (SineLoRA, forms/sinelora.py; LoRAN); as a :class:`~lorazoo.forms.dense.DenseForm` it recomputes
   B·A in backward, so no (out, in) tensor is kept per layer between forward and backward.
 
 What they share, and why it is here once:
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import NotMergeableError
 from ..parts import Form
+from .dense import DenseForm
 from .lora import LoRA
 
 
@@ -70,49 +71,13 @@ class HiddenNonlinear(NonlinearLoRA):
             f"unmerged")
 
 
-class _EntrywiseLinear(torch.autograd.Function):
-    """x (s·f(P))^T, P = B diag(m) A, for a form's entrywise f, keeping nothing of size (out, in).
-
-    Backward recomputes P from B and A (kept anyway as parameters; out·in·r multiply-adds), then f(P)
-    for x's gradient and f'(P) for P's, and maps P's gradient to B and A: autograd holds no (out, in)
-    tensor per layer between forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, B, A, mask, form):
-        ctx.save_for_backward(x, B, A, mask)
-        ctx.form = form
-        Bm = B if mask is None else B * mask
-        return F.linear(x, form.entrywise(Bm @ A) * form.scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, B, A, mask = ctx.saved_tensors
-        form = ctx.form
-        Bm = B if mask is None else B * mask
-        P = Bm @ A
-        grad_x = grad_B = grad_A = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ (form.entrywise(P) * form.scale)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_W = grad.reshape(-1, grad.shape[-1]).mT @ x.reshape(-1, x.shape[-1])  # (out, in)
-            grad_P = grad_W.mul_(form.entrywise_slope(P)).mul_(form.scale)
-            if ctx.needs_input_grad[1]:
-                grad_B = grad_P @ A.mT
-                if mask is not None:
-                    grad_B = grad_B * mask
-            if ctx.needs_input_grad[2]:
-                grad_A = Bm.mT @ grad_P
-        return grad_x, grad_B, grad_A, None, None
-
-
-class EntrywiseNonlinear(NonlinearLoRA):
-    """ΔW = s·f(B diag(m) A) for an entrywise f with f(0) = 0 (SineLoRA; LoRAN's Sinter is one too).
+class EntrywiseNonlinear(DenseForm, NonlinearLoRA):
+    """ΔW = s·f(B diag(m) A) for an entrywise f with f(0) = 0 (Sine-LoRA, LoRAN).
 
     Mergeable: ΔW does not depend on x. Dense: f(BA) has no factored form, so the forward forms the
-    (out, in) product once per step (through :class:`_EntrywiseLinear`, which keeps only x and P).
-    The DropLoRA rank mask acts inside the product, DropLoRA's (B ⊙ M)(M ⊙ A).
-    Subclasses define :meth:`entrywise` f and :meth:`entrywise_slope` f'.
+    (out, in) update once per step (forms/dense.py: nothing of size (out, in) is kept for backward,
+    where autograd differentiates f). The DropLoRA rank mask acts inside the product, DropLoRA's
+    (B ⊙ M)(M ⊙ A). Subclasses define :meth:`entrywise` f.
     """
 
     mergeable = True
@@ -121,15 +86,5 @@ class EntrywiseNonlinear(NonlinearLoRA):
     def entrywise(self, P: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def entrywise_slope(self, P: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def product(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """B diag(m) A, (out, in)."""
-        return (self.B if mask is None else self.B * mask) @ self.A
-
-    def delta(self, x, mask):
-        return _EntrywiseLinear.apply(x, self.B, self.A, mask, self)
-
-    def delta_weight(self, weight):
-        return self.entrywise(self.product()) * self.scale
+    def dense_update(self, weight, B, A, mask):
+        return self.entrywise(self.rank_masked(B, mask) @ A) * self.scale

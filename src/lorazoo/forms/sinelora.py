@@ -34,9 +34,8 @@ Choices:
   authors.
 - ΔW is a fixed matrix: mergeable exactly. It is dense (sin(BA) has no factored form), so the
   forward forms the (out, in) product as the authors' forward does; the shared
-  :class:`~lorazoo.forms.nonlinear.EntrywiseNonlinear` keeps only x and B·A for backward. Cost per
-  training step: about 1.5 x the frozen layer's own matmul work on top of it (the LoRAN argument,
-  forms/loran.py); merged inference costs nothing.
+  :class:`~lorazoo.forms.nonlinear.EntrywiseNonlinear` keeps only x, B and A for backward. Cost per
+  training step: the LoRAN argument (forms/loran.py); merged inference costs nothing.
 - The DropLoRA rank mask acts inside the product, sin(ω·B diag(m) A).
 - No plain factors offered (the update is not s·B·A): PiSSA-like inits, LoRA-Pro and ReLoRA are
   refused; LoRA+ speeds up B.
@@ -74,6 +73,3 @@ class SineLoRA(EntrywiseNonlinear):
 
     def entrywise(self, P: torch.Tensor) -> torch.Tensor:
         return torch.sin(P * self.frequency) / self.gain
-
-    def entrywise_slope(self, P: torch.Tensor) -> torch.Tensor:
-        return torch.cos(P * self.frequency) * (self.frequency / self.gain)

@@ -14,7 +14,7 @@ from ..errors import LorazooError
 from .bench_runner import ADALORA_STEPS, BenchConfig, Method, Runner
 
 _LORA_INITS = {"default": True, "pissa": "pissa"}  # lorazoo init -> PEFT init_lora_weights
-_SCHEDULES = {"lora": "none", "dora": "none", "loha": "none", "lokr": "none", "vera": "none",
+_SCHEDULES = {"lora": "none", "dora": "none", "loha": "none", "lokr": "none", "vera": "none", "hira": "none",
               "adalora": "adalora"}  # the schedule each PEFT form comes with
 
 
@@ -54,8 +54,11 @@ def peft_equivalent(spec, cfg: BenchConfig) -> tuple[Any, str | None]:
     lora_like = spec.form in ("lora", "dora", "adalora")
     if spec.init != "default" and not (spec.form in ("lora", "dora") and spec.init in _LORA_INITS):
         return None, f"PEFT has no init '{spec.init}' for form '{spec.form}'"
-    vera_unscaled = spec.form == "vera" and spec.scale == "constant" and spec.alpha == 1  # PEFT's VeRA: no scale
-    if spec.scale != "lora" and not (lora_like and spec.scale == "rslora") and not vera_unscaled:
+    # PEFT's VeRA and HiRA have no scale: lorazoo's scale="constant", alpha=1
+    unscaled = spec.form in ("vera", "hira") and spec.scale == "constant" and spec.alpha == 1
+    if spec.form == "hira" and not unscaled:
+        return None, "PEFT's HiRA has no scale: compare with hira:scale=constant:alpha=1"
+    if spec.scale != "lora" and not (lora_like and spec.scale == "rslora") and not unscaled:
         return None, f"PEFT has no scale '{spec.scale}' for form '{spec.form}'"
     if spec.rank_dropout and spec.form not in ("loha", "lokr"):
         return None, f"PEFT's {spec.form} has no rank dropout"
@@ -72,6 +75,8 @@ def peft_equivalent(spec, cfg: BenchConfig) -> tuple[Any, str | None]:
         if spec.form == "loha":
             return peft.LoHaConfig(**common, **kw), None
         return peft.LoKrConfig(**common, **kw, decompose_factor=_opt(spec, "lokr_factor", -1)), None
+    if spec.form == "hira":
+        return peft.HiraConfig(**common, hira_dropout=spec.dropout), None
     if spec.form == "vera":
         return peft.VeraConfig(**common, vera_dropout=spec.dropout, projection_prng_key=spec.seed,
                                d_initial=_opt(spec, "vera_d_init", 0.1)), None

@@ -1,0 +1,108 @@
+"""Dense updates (lorazoo.forms.dense): the shared autograd function against finite differences, and the
+layer's fused path x (W0 + ΔW)ᵀ for HiRA, Sine-LoRA and LoRAN: one matmul instead of two, the same output
+and gradients as the base plus the update, nothing of size (out, in) kept for backward but W0, and the
+two-matmul path wherever the base must see another input (input dropout) or another adapter runs.
+Each form's ΔW is checked against its paper in its own test file."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lorazoo
+from lorazoo.forms.dense import DenseLinear
+from tiny import layer_input, perturb, single_layer
+
+DENSE = {"hira": {}, "sinelora": {"sinelora_frequency": 3.0}, "loran": {"loran_amplitude": 0.5}}
+
+
+def test_dense_linear_gradcheck_with_a_frozen_input_and_no_mask():
+    gen = torch.Generator().manual_seed(0)
+    x, W, B, A = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+                  for s in ((2, 3, 5), (4, 5), (4, 2), (2, 5)))
+    W.requires_grad_(False)
+
+    def make(w, b, a, mask):
+        return w + torch.tanh(b @ a) if mask is None else w + torch.tanh((b * mask) @ a)
+
+    assert torch.autograd.gradcheck(lambda x, b, a: DenseLinear.apply(x, make, W, b, a, None), (x, B, A))
+    mask = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, b, a: DenseLinear.apply(x, make, W, b, a, mask), (x, B, A))
+
+
+def _linear_calls(monkeypatch):
+    calls = []
+    linear = F.linear
+
+    def counting(x, w, b=None):
+        calls.append(tuple(w.shape))
+        return linear(x, w, b)
+
+    monkeypatch.setattr(F, "linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("form", sorted(DENSE))
+def test_alone_on_a_layer_the_base_matmul_is_folded_in(form, monkeypatch):
+    model, handle, layer = single_layer(form, **DENSE[form])
+    perturb(handle)
+    f = layer.adapters["default"].form
+    W0, b = layer.base.weight.detach(), layer.base.bias.detach()
+    x = layer_input(n=7, features=20).requires_grad_()
+    g = layer_input(n=7, features=24, seed=4)
+    calls = _linear_calls(monkeypatch)
+    out = layer(x)
+    (out * g).sum().backward()
+    assert calls == [(24, 20)]  # one matmul with W0 + ΔW, no separate x W0ᵀ
+    monkeypatch.undo()
+
+    got = {"x": x.grad, "B": f.B.grad, "A": f.A.grad}
+    f.B.grad = f.A.grad = None
+    # the two-matmul reference: the base, plus the update through the form's own forward (its file
+    # checks it against the paper's ΔW)
+    x2 = x.detach().clone().requires_grad_()
+    ref = f(x2, F.linear(x2, W0, b), W0, None)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for name, want in (("x", x2.grad), ("B", f.B.grad), ("A", f.A.grad)):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", sorted(DENSE))
+def test_fused_path_keeps_no_out_by_in_tensor_but_the_weight(form):
+    model, handle, layer = single_layer(form, **DENSE[form])
+    perturb(handle)
+    W = layer.linear_weight()
+    x = layer_input(features=20).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    big = [t for t in saved if t.shape in ((24, 20), (20, 24))]
+    assert all(t.data_ptr() == W.data_ptr() for t in big)  # W0 by reference only
+    out.sum().backward()
+
+
+def test_two_matmuls_where_the_base_sees_another_input_or_another_adapter_runs(monkeypatch):
+    # input dropout in training: the base reads x, the update reads dropout(x)
+    model, handle, layer = single_layer("hira", dropout=0.5)
+    perturb(handle)
+    x = layer_input(features=20)
+    calls = _linear_calls(monkeypatch)
+    layer.train()
+    layer(x)
+    assert len(calls) == 2
+    calls.clear()
+    layer.eval()  # dropout is the identity in eval: folded again
+    out = layer(x)
+    assert len(calls) == 1
+    monkeypatch.undo()
+    W0, b = layer.base.weight.detach(), layer.base.bias.detach()
+    ref = F.linear(x, W0 + layer.adapters["default"].form.delta_weight(W0), b)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+    # a second running adapter: each adds its own update to the base's
+    lorazoo.adapt(model, lorazoo.AdapterSpec(rank=2, targets=["0"]), name="second")
+    lorazoo.activate(model, "default", "second")
+    model.eval()
+    calls = _linear_calls(monkeypatch)
+    layer(x)
+    assert (24, 20) in calls and len(calls) >= 3  # the base, HiRA's update, LoRA's two small ones
