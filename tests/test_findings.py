@@ -296,6 +296,8 @@ def test_lora_paper_keeps_the_adapters_the_analyses_need():
     assert {(8, 0), (64, 0), (64, 1)} <= kept
     qv = [t for t in trials if t.get("targets") == ["query", "value"]]
     assert {t["rank"] for t in qv} == {1, 2, 4, 8, 64}
+    for prefix in ("prefix_embed", "prefix_layer"):  # they peaked at 1e-2: the grid goes past it
+        assert max(t["lr"] for t in trials if t["variant"] == prefix) > 1e-2
 
 
 # --- keep_adapter ------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ SEEDS3 = [0, 1, 2]
 LRS_LORMA = [1e-4, 4e-4, 1e-3, 3e-3, 1e-2]
 LRS_RANKS = [3e-4, 1e-3, 3e-3, 1e-2]  # lora_paper's rank sweep on query and value
 LRS_BASELINES = [1e-5, 1e-4, 1e-3, 1e-2]  # and its baselines
+LRS_PREFIX = LRS_BASELINES + [3e-2, 1e-1]  # prefix tuning peaked at 1e-2, the baselines' top: two rates above
 
 # Sizing of `paper` (measured 2026-12-01, one torch thread, LoRA, CPU time of the process, so a core's
 # time when the machine is not shared; /tmp/fs/timing_cpu.py):
@@ -219,22 +220,27 @@ SUITES.update({
     # large ones). On query and value, LoRA r=8 peaks at 3e-3 and collapses at 1e-2 (docs/study/lorma), so
     # the ranks' grid goes to 1e-2 to bracket it. 5 ranks x 4 rates x 3 seeds = 60 + 7 baselines x 4 rates
     # x 3 seeds = 84 trials of 250 steps: 60 x ~110 s + 84 x ~140 s (full fine-tuning's step is about 2x
-    # LoRA's) = 18,400 core-s = 2.6 h. The sweep that keeps adapters runs last, so that a suite continued
-    # across sessions has its adapters, and the report that reads them, from the same one.
+    # LoRA's) = 18,400 core-s = 2.6 h. Prefix tuning peaked at 1e-2, the top of that grid, so its two forms
+    # also run at 3e-2 and 1e-1 (12 trials more, ~130 s each: 156 in all). The sweep that keeps adapters
+    # runs last, so that a suite continued across sessions has its adapters, and the report that reads
+    # them, from the same one.
     "lora_paper": {
         "description": "The LoRA paper's claims: rank 1, 2, 4, 8, 64 on query and value (r=8 and r=64 "
                        "adapters kept for the subspace and amplification analyses), 4 rates, 3 seeds, and its "
                        "baselines (full fine-tuning, FT-Top2, BitFit, prefix-embedding and prefix-layer tuning, "
-                       "Adapter-H/L) at 4 rates; sentiment, 250 steps; about 2.6 h on 2 cores (--workers 2).",
+                       "Adapter-H/L) at 4 rates (prefix tuning at 6); sentiment, 250 steps; about 2.8 h on 2 cores "
+                       "(--workers 2).",
         "sweeps": [
             {"grid": {"task": ["sentiment"], "variant": ["lora"], "lr": LRS_RANKS, "seed": SEEDS3,
                       "rank": [1, 2, 4]},
              "fixed": {"targets": ["query", "value"], "alpha": 16, "epochs": 1, "limit": 2000, "batch_size": 8,
                        "max_length": 48, "test_size": 2000}},
-            {"grid": {"task": ["sentiment"], "variant": [b for b in BASELINES if b != "prefix_embed"],
+            {"grid": {"task": ["sentiment"], "variant": [b for b in BASELINES if not b.startswith("prefix_")],
                       "lr": LRS_BASELINES, "seed": SEEDS3},
              "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000}},
-            {"grid": {"task": ["sentiment"], "variant": ["prefix_embed"], "lr": LRS_BASELINES,
+            {"grid": {"task": ["sentiment"], "variant": ["prefix_layer"], "lr": LRS_PREFIX, "seed": SEEDS3},
+             "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000}},
+            {"grid": {"task": ["sentiment"], "variant": ["prefix_embed"], "lr": LRS_PREFIX,
                       "seed": SEEDS3},
              "fixed": {"prefix_tokens": PREEMBED_TOKENS, "epochs": 1, "limit": 2000, "batch_size": 8,
                        "max_length": 48, "test_size": 2000}},
