@@ -4,8 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import lorazoo
-from lorazoo.train import Trainer
-from test_checkpoint import Killed, epoch_batches, kill_at, max_diff, snapshot
+from test_checkpoint import merges_survive_a_kill
 from tiny import TinyNet, adapted, layer_input, single_layer, tiny_data, train
 
 K, LAM = 2, 2.0
@@ -86,24 +85,7 @@ def _make():
 
 @pytest.mark.parametrize("every, kill", [(2, 5), (4, 9)])  # before/after the start step is checkpointed
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, every, kill):
-    opts = dict(lr=2e-2, epochs=3, warmup=2, progress=False)
-    torch.manual_seed(0)
-    model, handle = _make()
-    Trainer(model, handle, **opts).fit(epoch_batches)
-    ref = snapshot(model, handle)
-
-    torch.manual_seed(0)
-    model, handle = _make()
-    tr = Trainer(model, handle, checkpoint_dir=tmp_path, checkpoint_every=every, **opts)
-    kill_at(handle, kill)
-    with pytest.raises(Killed):
-        tr.fit(epoch_batches)
-    torch.manual_seed(1234)
-    model2, handle2 = _make()
-    out = Trainer(model2, handle2, checkpoint_dir=tmp_path, checkpoint_every=every, **opts).fit(
-        epoch_batches, resume=True)
-    assert out["steps"] == 12
-    assert max_diff(snapshot(model2, handle2), ref) <= 1e-6
+    _, _, handle2 = merges_survive_a_kill(tmp_path, _make, kill, every)
     assert handle2.schedule.state_dict() == {"started": True}
 
 
