@@ -6,7 +6,7 @@ import torch
 
 import lorazoo
 from moe_reference import contrastive, expert_outputs, mixture_output, route, switch
-from tiny import TinyNet, adapted, perturb, single_layer, tiny_data, train
+from tiny import TinyNet, adapted, perturb, single_layer, tiny_data, trains_and_reloads
 
 
 def _form(layer):
@@ -116,17 +116,8 @@ def test_top_k_sparsity_and_router_stats():
 
 
 def test_trains_and_save_load(tmp_path):
-    x, _ = tiny_data()
     model, handle = adapted("moelora", rank=8, experts=4)
-    losses = train(model, handle, steps=30, lr=2e-2)
-    assert losses[-1] < 0.9 * losses[0]
-    model.eval()
-    out = model(x).logits
-    handle.save(tmp_path)
-    fresh = TinyNet()
-    lorazoo.load(fresh, tmp_path)
-    fresh.eval()
-    torch.testing.assert_close(fresh(x).logits, out, rtol=1e-9, atol=1e-12)
+    trains_and_reloads(model, handle, tmp_path)
 
 
 def test_preset():

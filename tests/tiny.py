@@ -40,6 +40,21 @@ def calibration_batches(n_batches: int = 4, batch: int = 16):
     return [{"x": x[i * batch:(i + 1) * batch], "labels": y[i * batch:(i + 1) * batch]} for i in range(n_batches)]
 
 
+def trains_and_reloads(model, handle, tmp_path) -> None:
+    """30 steps at 2e-2 lower the loss by 10 %+, and the saved adapter, loaded on a fresh TinyNet, gives
+    the trained model's logits in eval mode."""
+    losses = train(model, handle, steps=30, lr=2e-2)
+    assert losses[-1] < 0.9 * losses[0], losses
+    x, _ = tiny_data()
+    model.eval()
+    out = model(x).logits
+    handle.save(tmp_path)
+    fresh = TinyNet()
+    lorazoo.load(fresh, tmp_path)
+    fresh.eval()
+    torch.testing.assert_close(fresh(x).logits, out, rtol=1e-9, atol=1e-12)
+
+
 def train(model, handle, steps: int = 30, lr: float = 1e-2, data=None) -> list[float]:
     """A plain loop through the handle's hooks; returns the losses."""
     x, y = data or tiny_data()
