@@ -59,6 +59,9 @@ FORMS = {
     "adalora": S.preset("adalora", rank=3, targets=["fc1", "fc2"]),
     "pissa": S(rank=2, init="pissa", targets=["fc1", "fc2"]),
     "droplora": S.preset("droplora", rank=2, targets=["fc1"]),
+    "sharelora": S(form="sharelora", rank=2, targets=["fc1", "fc2"]),
+    "vblora": S.preset("vblora", rank=2, targets=["fc1", "fc2"], vblora_vector_length=4, vblora_num_vectors=8),
+    "prolora": S(form="prolora", rank=4, targets=["fc1", "fc2"]),
 }
 
 

@@ -69,7 +69,7 @@ from .conv import is_conv2d
 from .embedding import is_embedding
 from .errors import LorazooError
 from .files import _atomic
-from .forms.lokr import balanced_split, kron_shapes
+from .forms.lokr import balanced_split
 from .layer import is_conv1d
 
 PREFIX = "base_model.model."

@@ -33,19 +33,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpecError
-from ..parts import Form, check_number
+from ..parts import check_number
 from ..registry import FORMS
+from .banks import AssembledPair
 
 
 @FORMS.register("prolora", paper="PRoLoRA (Wang et al., ACL 2024) [51]",
                 equations="study Eq. 34: A = [A0, Roll(A0, s_A), ..., | A_u], B likewise; ΔW = s·B A",
                 summary="first r - u ranks of A (B) one chunk broadcast m (n) times along in (out), each copy "
                         "rolled along the rank by a stride; u unshared ranks; rectified Kaiming init")
-class PRoLoRA(Form):
+class PRoLoRA(AssembledPair):
     """h = W0 x + s·B(m ⊙ A x), A and B assembled from rolled copies of one chunk plus u unshared ranks."""
 
     options = {"prolora_unshared": 1, "prolora_share_a": 2, "prolora_share_b": 2, "prolora_rotation": True}
@@ -107,11 +107,3 @@ class PRoLoRA(Form):
         A_s = self.A0[self.idx_a].reshape(rs, self.m * self.chunk_a)[:, : self.in_features]
         B_s = self.B0[:, self.idx_b].permute(2, 0, 1).reshape(self.n * self.chunk_b, rs)[: self.out_features]
         return torch.cat([B_s, self.B_u], dim=1), torch.cat([A_s, self.A_u], dim=0)
-
-    def forward(self, x, y, weight, mask=None):
-        B, A = self.pair()
-        return y + F.linear(self.rank_masked(F.linear(x, A), mask) * self.scale, B)
-
-    def delta_weight(self, weight):
-        B, A = self.pair()
-        return (B @ A) * self.scale

@@ -32,11 +32,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..parts import Form, check_choice
 from ..registry import FORMS
+from .banks import AssembledPair
 
 SHARES = {"A": "A shared, B per layer (ShareA)", "B": "B shared, A per layer (ShareB)",
           "AB": "both shared (ShareAB)"}
@@ -74,7 +74,7 @@ def shared_factors(form: Form, ctx, prefix: str, which: str, scope: str, rank: i
                 equations="study Eq. 22-23: ΔW = s·B^S[:out] A^S[:, :in]; ShareA / ShareB / ShareAB",
                 summary="LoRA with A, B or both shared by the layers of a module type (or by all targets, "
                         "sliced), trainable")
-class ShareLoRA(Form):
+class ShareLoRA(AssembledPair):
     """h = W0 x + s·B(m ⊙ A x), A and/or B shared (``sharelora_share``) per module type or by all
     targets (``sharelora_scope``). See the module docstring for the choices."""
 
@@ -120,11 +120,3 @@ class ShareLoRA(Form):
         A = bank.A[:, : self.in_features] if "A" in self.share else self.A
         B = bank.B[: self.out_features] if "B" in self.share else self.B
         return B, A
-
-    def forward(self, x, y, weight, mask=None):
-        B, A = self.pair()
-        return y + F.linear(self.rank_masked(F.linear(x, A), mask) * self.scale, B)
-
-    def delta_weight(self, weight):
-        B, A = self.pair()
-        return (B @ A) * self.scale

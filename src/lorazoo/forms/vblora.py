@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpecError
-from ..parts import Form, check_number
+from ..parts import check_number
 from ..registry import FORMS
+from .banks import AssembledPair
 
 
 class VectorBank(nn.Module):
@@ -63,7 +64,7 @@ def admix(logits: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:
                           "ΔW = s·B A",
                 summary="A and B assembled from a vector bank shared by all layers, top-k admixture of "
                         "length-b sub-vectors; trainable bank and logits")
-class VBLoRA(Form):
+class VBLoRA(AssembledPair):
     """h = W0 x + s·B(m ⊙ A x), A and B assembled from the shared vector bank (see the module docstring)."""
 
     options = {"vblora_num_vectors": 256, "vblora_vector_length": 256, "vblora_topk": 2,
@@ -113,11 +114,3 @@ class VBLoRA(Form):
         A = admix(self.logits_A, vectors, self.topk).reshape(self.rank, -1)[:, : self.in_features]
         B = admix(self.logits_B, vectors, self.topk).transpose(1, 2).reshape(-1, self.rank)[: self.out_features]
         return B, A
-
-    def forward(self, x, y, weight, mask=None):
-        B, A = self.pair()
-        return y + F.linear(self.rank_masked(F.linear(x, A), mask) * self.scale, B)
-
-    def delta_weight(self, weight):
-        B, A = self.pair()
-        return (B @ A) * self.scale
