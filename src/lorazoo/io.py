@@ -62,21 +62,35 @@ def load(model: nn.Module, path, name: str | None = None) -> AdapterHandle:
             f"error", stacklevel=2)
     targets = sorted(config["ranks"])
     spec_t = AdapterSpec.from_dict({**config["spec"], "targets": targets or config["spec"].get("targets")})  # none: FT
+
+    def fill(handle):
+        handle.spec = spec
+        _load_state(handle, tensors)
+
+    return adapt_then_fill(model, spec_t, fill, name=name, ranks=config["ranks"], initialize=False,
+                           misfit="the saved adapter does not fit this model",
+                           broken="the adapter file does not fit its spec")
+
+
+def adapt_then_fill(model: nn.Module, spec: AdapterSpec, fill, *, name: str, ranks, initialize: bool, misfit: str,
+                    broken: str) -> AdapterHandle:
+    """``adapt`` the model, then ``fill(handle)`` with loaded tensors. Any failure leaves the model as it
+    was (adapt undoes itself; a failed fill deletes the handle and restores requires_grad) and raises
+    LoadError: "misfit: ..." when the model refuses the spec, "broken: ..." when the tensors do not fit."""
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
-        handle = adapt(model, spec_t, name=name, ranks=config["ranks"], _initialize=False)
-    except LorazooError as e:  # adapt undid its own changes
-        raise LoadError(f"the saved adapter does not fit this model: {e}") from None
-    handle.spec = spec
+        handle = adapt(model, spec, name=name, ranks=ranks, _initialize=initialize)
+    except LorazooError as e:
+        raise LoadError(f"{misfit}: {e}") from None
     try:
-        _load_state(handle, tensors)
+        fill(handle)
     except BaseException as e:
         handle.delete()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         if isinstance(e, LoadError) or not isinstance(e, Exception):
             raise
-        raise LoadError(f"the adapter file does not fit its spec: {e}") from None
+        raise LoadError(f"{broken}: {e}") from None
     return handle
 
 

@@ -57,11 +57,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapt import _shape, adapt
+from .adapt import _shape
 from .embedding import tied_paths
 from .forms.lokr import kron_shapes
 from .errors import LoadError, LorazooError
 from .handle import AdapterHandle, handles_of
+from .io import adapt_then_fill
 from .peft_format import (CONFIG, DELORA_FLOOR, PREFIX, TENSORS, module_kind, pattern_key, peft_lokr_dense_w2,
                           peft_lokr_shapes, randlora_common_n, randlora_peft_columns)
 from .spec import AdapterSpec
@@ -316,25 +317,17 @@ def load_peft(model: nn.Module, path, name: str | None = None, *, drop_options=(
         spec = AdapterSpec(**spec_kw)
     except LorazooError as e:
         raise LoadError(f"the PEFT adapter maps to a lorazoo spec that is not valid: {e}") from None
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        handle = adapt(model, spec, name=name, ranks=ranks, _initialize=initialize)
-    except LorazooError as e:  # adapt undid its own changes
-        raise LoadError(f"the PEFT adapter does not fit this model: {e}") from None
-    try:
-        with torch.no_grad():
-            for p, layer in handle.layers().items():
-                fill(p, layer.adapters[name].form)
-            for p, mod in handle.saved_modules().items():
-                mod.load_state_dict(saved[p])
-    except BaseException as e:
-        handle.delete()
-        for prm, flag in flags.items():
-            prm.requires_grad_(flag)
-        if isinstance(e, LoadError) or not isinstance(e, Exception):
-            raise
-        raise LoadError(f"the PEFT adapter's tensors do not fit: {e}") from None
-    return handle
+
+    @torch.no_grad()
+    def fill_all(handle):
+        for p, layer in handle.layers().items():
+            fill(p, layer.adapters[name].form)
+        for p, mod in handle.saved_modules().items():
+            mod.load_state_dict(saved[p])
+
+    return adapt_then_fill(model, spec, fill_all, name=name, ranks=ranks, initialize=initialize,
+                           misfit="the PEFT adapter does not fit this model",
+                           broken="the PEFT adapter's tensors do not fit")
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
