@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class DenseLinear(torch.autograd.Function):
@@ -29,6 +30,7 @@ class DenseLinear(torch.autograd.Function):
         return F.linear(x, make(weight, *tensors))
 
     @staticmethod
+    @once_differentiable  # a second derivative through the recomputed M is not built: refused, not wrong
     def backward(ctx, g):
         x, *tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
