@@ -11,7 +11,7 @@ import lorazoo
 from lorazoo.forms.dense import DenseLinear
 from tiny import layer_input, perturb, single_layer
 
-DENSE = {"hira": {}, "sinelora": {"sinelora_frequency": 3.0}, "loran": {"loran_amplitude": 0.5}}
+DENSE = {"hira": {}, "sinelora": {"sinelora_frequency": 3.0}, "loran": {"loran_amplitude": 0.5, "loran_frequency": 4.0}}
 
 
 def test_dense_linear_gradcheck_with_a_frozen_input_and_no_mask():
@@ -106,3 +106,23 @@ def test_two_matmuls_where_the_base_sees_another_input_or_another_adapter_runs(m
     calls = _linear_calls(monkeypatch)
     layer(x)
     assert (24, 20) in calls and len(calls) >= 3  # the base, HiRA's update, LoRA's two small ones
+
+
+@pytest.mark.parametrize("form", sorted(DENSE))
+def test_autocast_bf16_step_follows_the_float32_one(form):
+    """Under CPU autocast the layer keeps the two-matmul path (the fold is skipped) and the dense function
+    casts its gradient to ΔW's dtype: the bf16 step's gradients are the float32 ones up to bf16 rounding."""
+    grads = []
+    for autocast in (False, True):
+        model, handle, layer = single_layer(form, **DENSE[form])
+        model.float()
+        perturb(handle)
+        x = layer_input(n=7, features=20, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        out.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in handle.trainable_parameters()])
+    for want, got in zip(*grads):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert (got - want).norm() <= 0.05 * want.norm()
