@@ -241,6 +241,33 @@ class AdapterHandle:
         del handles_of(self.model)[self.name]
         self.model = None
 
+    def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
+        """Fold this adapter into the base weights and take lorazoo out of the model: every adapted layer
+        becomes its base module again (holding W0 + ΔW), every saved module (``modules_to_save``: a head,
+        FT's or BitFit's trained tensors) becomes this adapter's trained copy. The model then computes what
+        it computed with the adapter (up to float rounding), has its own module classes and state_dict
+        keys, and saves with its own ``save_pretrained`` (deployment; PEFT's ``merge_and_unload``).
+        ``dequantize`` as in :meth:`merge`. Refused before any change when another adapter is on the
+        model (delete it, or merge_and_unload one adapter at a time) or the form cannot be merged.
+        Returns the model; this handle is spent."""
+        self._check_alive()
+        others = sorted(n for n in handles_of(self.model) if n != self.name)
+        if others:
+            raise LorazooError(f"merge_and_unload folds one adapter into a model that has no other; this model "
+                               f"also has {', '.join(map(repr, others))}: delete those first (or merge_and_unload "
+                               f"them one at a time)")
+        if not self.merged:
+            self.merge(dequantize=dequantize)  # NotMergeableError here leaves everything as it was
+        model = self.model
+        for path, layer in self.layers().items():
+            set_module(model, path, layer.base)  # the merged base: the update stays in its weight
+        for path, wrapper in saved_wrappers(model).items():
+            if self.name in wrapper.copies:
+                set_module(model, path, wrapper.copies[self.name])
+        del handles_of(model)[self.name]
+        self.model = None
+        return model
+
     def _check_alive(self) -> None:
         if self.model is None:
             raise LorazooError(f"adapter {self.name!r} was deleted")

@@ -212,17 +212,59 @@ def fresh_model(t, seed: int):
     return t.build_model()
 
 
-def evaluate_saved(path, **option_overrides) -> dict:
-    """Rebuild the task stored beside the adapter in ``path``, load the adapter, evaluate it."""
+def load_saved(path, **option_overrides):
+    """(task, model, handle): the task stored beside the adapter in ``path`` rebuilt, its model with the
+    adapter loaded."""
     from .io import load
 
     cfg = read_task_config(path)
     t = get_task(cfg["task"], limit=cfg.get("limit"), seed=cfg.get("seed", 0),
                  options={**cfg.get("options", {}), **option_overrides})
     model = fresh_model(t, cfg.get("seed", 0))
-    load(model, path)
+    return t, model, load(model, path)
+
+
+def evaluate_saved(path, **option_overrides) -> dict:
+    """Rebuild the task stored beside the adapter in ``path``, load the adapter, evaluate it."""
+    t, model, _ = load_saved(path, **option_overrides)
     metrics = t.evaluate(model)
     return {"task": t.name, "metric_name": t.metric, "metric": float(metrics[t.metric]), "metrics": metrics}
+
+
+EXPORTS = ("merged", "peft")
+
+
+def export_saved(path, out, format: str = "merged") -> list[str]:
+    """Write the run in ``path`` for use without lorazoo into the new folder ``out``; the files written.
+
+    ``merged``: the adapter folded into the base weights (``merge_and_unload``), saved with the model's own
+    ``save_pretrained`` (a Hugging Face model folder, safetensors) and the task's tokenizer beside it; a model
+    without ``save_pretrained`` is written as ``model.safetensors`` (its state_dict). ``peft``: PEFT's adapter
+    files, for ``PeftModel.from_pretrained`` on the task's base model (methods PEFT has). Refused, before
+    anything is written, when ``out`` exists and is not empty, the format is unknown, or the adapter cannot
+    be merged (or PEFT has no such method)."""
+    out = Path(out)
+    if format not in EXPORTS:
+        raise LorazooError(f"format must be one of {', '.join(EXPORTS)}, got {format!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LorazooError(f"{str(out)!r} exists and is not an empty folder; export writes a new folder (remove it "
+                           f"or choose another)")
+    t, model, handle = load_saved(path)
+    if format == "peft":
+        handle.save(out, format="peft")
+    else:
+        model = handle.merge_and_unload()
+        out.mkdir(parents=True, exist_ok=True)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out)
+            processor = t.processor()
+            if processor is not None:
+                processor.save_pretrained(out)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, str(out / "model.safetensors"))
+    return sorted(p.name for p in out.iterdir())
 
 
 def peak_rss_mb() -> float:

@@ -73,6 +73,11 @@ class Task:
         """Metrics on the held-out test split; must include ``self.metric``."""
         raise NotImplementedError
 
+    def processor(self):
+        """What turns raw inputs into the model's (a tokenizer with ``save_pretrained``), saved beside an
+        exported model (``lorazoo export``); None when the task has none to save."""
+        return None
+
     # --- shared -------------------------------------------------------------------------------
     def n_examples(self) -> int:
         """How many labelled examples the data has (tasks that use the shared seeded split)."""

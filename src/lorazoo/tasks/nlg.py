@@ -164,6 +164,9 @@ class NLGSentimentTask(Task):
     def n_examples(self) -> int:
         return len(load_examples()[0])
 
+    def processor(self):
+        return tokenizer()
+
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 

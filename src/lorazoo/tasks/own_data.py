@@ -374,6 +374,9 @@ class OwnDataTask(Task):
         return {"task": self.name, "limit": self.limit, "seed": self.seed, "options": dict(self.opts)}
 
     # --- model --------------------------------------------------------------------------------
+    def processor(self):
+        return self.tokenizer
+
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -82,6 +82,9 @@ class TextClassification(Task):
         return [collate([ids[i] for i in idx[s:s + batch_size]], labels[idx[s:s + batch_size]], pad)
                 for s in range(0, len(idx), batch_size)]
 
+    def processor(self):
+        return tokenizer()
+
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
