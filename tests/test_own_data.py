@@ -214,6 +214,18 @@ def test_causal_lm_fine_tuning_lowers_the_response_loss_and_evaluates_on_new_dat
     evaluated = json.loads(capsys.readouterr().out)["metrics"]
     assert evaluated["token_accuracy"] >= 0.9
 
+    # exported merged: transformers alone (model + the run's tokenizer) computes the adapted model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorazoo.run import load_saved
+
+    assert main(["export", str(out), str(tmp_path / "merged")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = tok(["a prompt"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, load_saved(out)[1].eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
 
 class Killed(Exception):
     pass
