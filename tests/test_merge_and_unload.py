@@ -198,3 +198,27 @@ def _fresh_head_model(saved_run):
 
     cfg = read_task_config(saved_run)
     return fresh_model(get_task(cfg["task"], limit=cfg.get("limit"), seed=cfg.get("seed", 0)), cfg.get("seed", 0))
+
+
+def test_conv_and_embedding_layers_unload_to_their_base_modules():
+    from test_conv import conv_net, images
+    from test_embedding import IDS, LM
+
+    model = conv_net()
+    h = lorazoo.adapt(model, AdapterSpec(form="dora", rank=3, targets=["0", "2"]))
+    perturb(h)
+    x = images()
+    with torch.no_grad():
+        want = model(x)
+        h.merge_and_unload()
+        torch.testing.assert_close(model(x), want, rtol=1e-9, atol=1e-10)
+    assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Conv2d and not _lorazoo_modules(model)
+
+    model = LM(tied=False)
+    h = lorazoo.adapt(model, AdapterSpec(rank=3, init="pissa", targets=["emb", "fc"]))
+    perturb(h)
+    with torch.no_grad():
+        want = model(IDS)
+        h.merge_and_unload()
+        torch.testing.assert_close(model(IDS), want, rtol=1e-9, atol=1e-10)
+    assert type(model.emb) is nn.Embedding and not _lorazoo_modules(model)
