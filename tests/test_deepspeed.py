@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DS_ACCELERATOR=cpu, gloo; its shm comm op is built once with
-ninja and g++): two processes train LoRA, DoRA and VeRA adapters through ``deepspeed.initialize``
-to what one process computes with plain AdamW on the same global batch. Under ZeRO-3 every
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DS_ACCELERATOR=cpu, reductions through gloo; its optional
+shared-memory allreduce, compiled with g++ at first use, is left out): two processes train LoRA, DoRA
+and VeRA adapters through ``deepspeed.initialize`` to what one process computes with plain AdamW on
+the same global batch. Under ZeRO-3 every
 parameter, the adapter's included, is partitioned (persistence threshold 0); the adapter is saved
 inside ``GatheredParameters`` on every rank, and rank 0 writes it. Slow: needs ``pip install
 deepspeed`` (not a lorazoo dependency)."""
@@ -29,7 +30,12 @@ def _worker(rank, world, port, stage, out):
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import deepspeed
+    import deepspeed.comm.torch as ds_comm
     from deepspeed.runtime.zero import GatheredParameters
+
+    # DeepSpeed's CPU shared-memory allreduce is a speed-up compiled with g++ at first use (about 2 minutes,
+    # again whenever the install path changes); without it the reductions go through gloo, the same sums
+    ds_comm.build_shm_op = lambda: None
 
     x, y = tiny_data(64, dtype=torch.float32)
     rows = slice(rank * 64 // world, (rank + 1) * 64 // world)
