@@ -5,7 +5,7 @@ import torch
 import lorazoo
 from lorazoo.forms.loramoe import set_sample_types
 from moe_reference import kaiming_bound, localized, mixture_output, route
-from tiny import TinyNet, adapted, layer_input, op_shapes, perturb, single_layer, tiny_data, train
+from tiny import TinyNet, adapted, layer_input, op_shapes, perturb, reloads_equal, single_layer, tiny_data, train
 
 
 def _form(layer):
@@ -179,16 +179,9 @@ def test_not_mergeable():
 
 
 def test_save_load_keeps_router_and_experts(tmp_path):
-    x, _ = tiny_data()
     model, handle = adapted("loramoe", rank=8, experts=4)
     perturb(handle)
-    model.eval()
-    out = model(x).logits
-    handle.save(tmp_path)
-    fresh = TinyNet()
-    lorazoo.load(fresh, tmp_path)
-    fresh.eval()
-    torch.testing.assert_close(fresh(x).logits, out, rtol=1e-9, atol=1e-12)
+    reloads_equal(model, handle, tmp_path)
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -10,7 +10,7 @@ import lorazoo
 from lorazoo.forms.moa import domains, read_domains_from_batches, set_domains
 from lorazoo.train import Trainer
 from moe_reference import softmax_rows
-from tiny import TinyNet, adapted, perturb, single_layer, tiny_data, train
+from tiny import TinyNet, adapted, perturb, reloads_equal, single_layer, tiny_data, train
 
 
 def _form(layer):
@@ -122,13 +122,7 @@ def test_starts_as_base_save_load_and_copy(tmp_path):
         model(x)
     c = copy.deepcopy(model)
     assert _form(c.fc1)._router_loss is None
-    model.eval()
-    out = model(x).logits
-    handle.save(tmp_path)
-    fresh = TinyNet()
-    lorazoo.load(fresh, tmp_path)
-    fresh.eval()
-    torch.testing.assert_close(fresh(x).logits, out, rtol=1e-9, atol=1e-12)
+    reloads_equal(model, handle, tmp_path)
     with pytest.raises(lorazoo.NotMergeableError):
         handle.merge()
 

@@ -41,18 +41,23 @@ def calibration_batches(n_batches: int = 4, batch: int = 16):
 
 
 def trains_and_reloads(model, handle, tmp_path) -> None:
-    """30 steps at 2e-2 lower the loss by 10 %+, and the saved adapter, loaded on a fresh TinyNet, gives
-    the trained model's logits in eval mode."""
+    """30 steps at 2e-2 lower the loss by 10 %+, and the adapter reloads (:func:`reloads_equal`)."""
     losses = train(model, handle, steps=30, lr=2e-2)
     assert losses[-1] < 0.9 * losses[0], losses
+    reloads_equal(model, handle, tmp_path)
+
+
+def reloads_equal(model, handle, tmp_path):
+    """The saved adapter, loaded on a fresh TinyNet, gives the model's logits in eval mode; the loaded handle."""
     x, _ = tiny_data()
     model.eval()
     out = model(x).logits
     handle.save(tmp_path)
     fresh = TinyNet()
-    lorazoo.load(fresh, tmp_path)
+    loaded = lorazoo.load(fresh, tmp_path)
     fresh.eval()
     torch.testing.assert_close(fresh(x).logits, out, rtol=1e-9, atol=1e-12)
+    return loaded
 
 
 def train(model, handle, steps: int = 30, lr: float = 1e-2, data=None) -> list[float]:
