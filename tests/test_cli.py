@@ -18,6 +18,7 @@ from lorazoo.cli import main
     (["train", "--lr", "0"], "lr must be > 0"),
     (["train", "--epochs", "-1"], "epochs must be > 0"),
     (["eval", "/nonexistent/folder"], "holds no task.json"),
+    (["export", "/nonexistent/folder", "out"], "holds no task.json"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written, and certainly not into the repo
