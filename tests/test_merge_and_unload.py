@@ -222,3 +222,20 @@ def test_conv_and_embedding_layers_unload_to_their_base_modules():
         h.merge_and_unload()
         torch.testing.assert_close(model(IDS), want, rtol=1e-9, atol=1e-10)
     assert type(model.emb) is nn.Embedding and not _lorazoo_modules(model)
+
+
+def test_full_fine_tuning_of_a_tied_llama_unloads_tied_and_saves(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from test_baselines import IDS, llama
+
+    model = llama()
+    h = lorazoo.adapt(model, AdapterSpec.preset("full_ft"))
+    perturb(h, scale=0.05)
+    with torch.no_grad():
+        want = model(IDS).logits
+        plain = h.merge_and_unload()
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight  # still one tensor
+        plain.save_pretrained(tmp_path)
+        again = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+        torch.testing.assert_close(again(IDS).logits, want, rtol=1e-12, atol=1e-12)
