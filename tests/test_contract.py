@@ -5,7 +5,7 @@ import torch
 
 import lorazoo
 from lorazoo.presets import PRESETS
-from tiny import TinyNet, calibration_batches, perturb, tiny_data, train
+from tiny import TinyNet, calibration_batches, give_labels, perturb, tiny_data, train
 
 ALL = sorted(PRESETS)
 
@@ -85,3 +85,18 @@ def test_save_load_roundtrip(name, tmp_path):
     assert loaded.spec == handle.spec
     loaded.delete()
     torch.testing.assert_close(fresh(x).logits, TinyNet()(x).logits, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_bf16_autocast_step_gives_finite_gradients(name):
+    """Mixed precision as HF Trainer's bf16=True runs it: the forward under autocast, the backward outside
+    it, where custom backward functions meet bf16 activations and gradients with float32 parameters."""
+    model, handle = build(name)
+    model.float().train()
+    x, y = tiny_data(dtype=torch.float32)
+    give_labels(handle, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x=x, labels=y)
+    (out.loss + handle.aux_loss()).backward()
+    grads = [p.grad for p in handle.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..parts import check_number
 from ..registry import FORMS
+from .autocast import promoted
 from .nonlinear import HiddenNonlinear
 
 
@@ -92,7 +93,7 @@ class _ANL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        z, C, V = ctx.saved_tensors
+        z, C, V, grad = promoted(*ctx.saved_tensors, grad)  # under autocast: bf16 z and grad, float32 C, V
         slope, offset, pieces, order = ctx.consts
         r, n = C.shape[0], V.shape[1]
         t1 = torch.tanh(z)

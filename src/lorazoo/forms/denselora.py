@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import NotMergeableError, SpecError
 from ..parts import Form, check_choice
 from ..registry import FORMS
+from .autocast import promoted
 from .banks import SharedPair
 
 ACTIVATIONS = {"gelu": F.gelu, "identity": None}
@@ -31,7 +32,7 @@ class GeluDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        h, B = ctx.saved_tensors
+        h, B, grad = promoted(*ctx.saved_tensors, grad)
         dz = torch.ops.aten.gelu_backward(grad, F.linear(h, B))
         return (dz @ B if ctx.needs_input_grad[0] else None,
                 dz.flatten(0, -2).t() @ h.flatten(0, -2) if ctx.needs_input_grad[1] else None)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..parts import Form, check_number
 from ..registry import FORMS
+from .autocast import promoted
 
 
 def n_bases(min_dim: int, rank: int, bound: int) -> int:
@@ -55,7 +56,7 @@ class ScaledBasis(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        A, lam, gam = ctx.saved_tensors
+        A, lam, gam, grad = promoted(*ctx.saved_tensors, grad)
         g_lam = torch.einsum("ibm,bm,im->ib", grad, A, gam) if ctx.needs_input_grad[1] else None
         g_gam = torch.einsum("ibm,bm,ib->im", grad, A, lam) if ctx.needs_input_grad[2] else None
         return None, g_lam, g_gam
@@ -82,7 +83,7 @@ class RandLoraDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        t, A, lam, gam, Bf = ctx.saved_tensors
+        t, A, lam, gam, Bf, g = promoted(*ctx.saved_tensors, g)
         S = scaled_basis(A, lam, gam).flatten(0, 1)
         g2, t2 = g.flatten(0, -2), t.flatten(0, -2)
         if ctx.input_side:  # t = x; out = (x S^T) Bf^T
