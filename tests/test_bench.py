@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lorazoo.cli import main
 from lorazoo.errors import SpecError
@@ -104,6 +105,11 @@ def test_config_errors():
         BenchConfig(hidden=65, heads=4)
     with pytest.raises(SpecError, match="rounds"):
         BenchConfig(rounds=0)
+    with pytest.raises(SpecError, match="torch device"):
+        BenchConfig(device="abacus")
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecError, match="no CUDA device"):
+            BenchConfig(device="cuda")
 
 
 def test_ratios_and_report_without_memory():

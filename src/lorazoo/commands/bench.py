@@ -25,6 +25,9 @@ def register(sub) -> None:
                        help=f"default {getattr(d, name)}")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"default {d.alpha:g}")
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names")
+    p.add_argument("--device", default=d.device,
+                   help="where to run (default cpu; cuda: times synchronize the device, memory is its peak "
+                        "allocation)")
     p.add_argument("--paper-ranks", action="store_true",
                    help="also run each preset that has its paper's own rank (vera 256, randlora 32, ...) at it")
     p.add_argument("--compile", action="store_true",
@@ -50,6 +53,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..errors import SpecError
     from ..study.bench import run_bench
     from ..study.bench_report import write
     from ..study.bench_runner import BenchConfig
@@ -58,7 +62,7 @@ def run(args) -> int:
               "threads", "rounds", "warmup", "mem_steps", "seed")
     cfg = BenchConfig(**{f: getattr(args, f) for f in fields},
                       targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-                      compile_backend=args.compile_backend)
+                      compile_backend=args.compile_backend, device=args.device)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
 
     def log(msg: str) -> None:
@@ -66,6 +70,10 @@ def run(args) -> int:
 
     if args.quant:
         from ..study.bench_quant import run_quant, write_quant
+
+        if args.device != "cpu":
+            raise SpecError("--quant measures CPU bases (bitsandbytes' and torchao's CPU kernels, RSS); "
+                            "run it without --device")
 
         result = run_quant(cfg, memory=not args.no_memory, jobs=args.mem_jobs, log=log)
         print(write_quant(result, args.out or "docs/bench/quant").read_text())

@@ -239,6 +239,8 @@ def environment(cfg: BenchConfig) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "platform": platform.platform(),
            "cpus": os.cpu_count(), "threads": cfg.threads}
+    if torch.device(cfg.device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(cfg.device)
     try:
         import peft
 

@@ -48,10 +48,12 @@ def _pairs(result: dict) -> dict[str, dict[str, dict]]:
 def _setup_line(result: dict) -> str:
     c, e = result["config"], result["environment"]
     peft = f", peft {e['peft']}" if e.get("peft") else ""
+    device = c.get("device", "cpu")
+    where = (f"{c['threads']} threads ({e['cpus']} CPUs)" if device == "cpu"
+             else f"on {device} ({e.get('gpu') or 'GPU'})")
     return (f"Random-init Llama: hidden {c['hidden']}, intermediate {c['intermediate']}, {c['layers']} layers, "
             f"{c['heads']} heads, vocab {c['vocab']}, fp32; batch {c['batch']} x {c['seq']}; adapters on "
-            f"{', '.join(c['targets'])}, r={c['rank']}, alpha={c['alpha']:g}; {c['threads']} threads "
-            f"({e['cpus']} CPUs); median of {c['rounds']} rounds after {c['warmup']} warm-up, methods "
+            f"{', '.join(c['targets'])}, r={c['rank']}, alpha={c['alpha']:g}; {where}; median of {c['rounds']} rounds after {c['warmup']} warm-up, methods "
             f"interleaved, order rotated. torch {e['torch']}, transformers {e['transformers']}{peft}. "
             f"Load average before/after: {e['loadavg_before'][0]:.2f} / {e['loadavg_after'][0]:.2f}.")
 
@@ -61,7 +63,8 @@ def markdown(result: dict) -> str:
     lines = ["# lorazoo bench", "", _setup_line(result), "",
              "×LoRA: ratio to lorazoo's LoRA. ×floor: ratio to the floor (frozen base, gradients to the "
              "inputs only; its forward is the base model's). mem: peak RSS overhead over the built base "
-             "model (VmHWM - VmRSS), fresh process per method; it moves by ±15 MB between runs with the allocator. "
+             "model (VmHWM - VmRSS; on a GPU the device's peak allocation over the base's), fresh process per "
+             "method; on a CPU it moves by ±15 MB between runs with the allocator. "
              "saved: the bytes autograd keeps for backward in one step, parameters excluded (exact, "
              "repeatable). ± IQR: interquartile range of the step "
              "time over the median (noise).", ""]

@@ -45,6 +45,8 @@ class BenchConfig:
     lr: float = 1e-4
     seed: int = 0
     compile_backend: str = "inductor"  # torch.compile backend of the "lorazoo+compile" rows
+    device: str = "cpu"    # where models and batches live ("cuda", "cuda:1"); times synchronize it, memory is
+    #                        the device's peak allocation there instead of the process's RSS
 
     def __post_init__(self):
         for name in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank",
@@ -55,6 +57,13 @@ class BenchConfig:
             raise SpecError(f"bench warmup must be >= 0, got {self.warmup!r}")
         if self.hidden % self.heads:
             raise SpecError(f"bench hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise SpecError(f"bench device must be a torch device such as cpu or cuda, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SpecError(f"bench device {self.device!r}: this machine has no CUDA device (torch "
+                            f"{torch.__version__}); use --device cpu")
         self.targets = list(self.targets)
 
 
@@ -108,10 +117,18 @@ class Runner:
         self.model.train(was_training)
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work (kernels run asynchronously); nothing on a CPU-only run."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds that ``fn()`` takes."""
+    """Wall-clock seconds that ``fn()`` takes, its device work included."""
+    synchronize()
     t0 = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - t0
 
 
@@ -127,14 +144,14 @@ def build_base(cfg: BenchConfig) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(conf).to(torch.float32)
-    model.train()
+    model.to(cfg.device).train()
     return model
 
 
 def make_batch(cfg: BenchConfig) -> dict:
     """Random token ids with labels = ids (causal language-model loss)."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g)
+    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g).to(cfg.device)
     return {"input_ids": ids, "labels": ids}
 
 
