@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NotMergeableError, SpecError
+from ..errors import NotMergeableError
 from ..parts import Form, check_choice
 from ..registry import FORMS
 from .autocast import promoted
