@@ -1,5 +1,6 @@
-"""torch.compile: an adapted model traces as one graph (no graph break) for LoRA, DoRA, LoHa, LoKr and
-VeRA, in training (rank dropout on) and in eval, and the compiled model computes what eager does."""
+"""torch.compile: an adapted model traces as one graph (no graph break) for LoRA, DoRA, LoHa, LoKr, VeRA
+and the dense forms (HiRA, Sine-LoRA), in training (rank dropout on) and in eval, and the compiled model
+computes what eager does."""
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ FORMS = {
     "loha": dict(form="loha", rank=2),
     "lokr": dict(form="lokr", rank=2),
     "vera": dict(form="vera", rank=8, scale="constant", alpha=1),
+    "hira": dict(form="hira", rank=4),  # the dense forms' shared autograd function (forms/dense.py)
+    "sinelora": dict(form="sinelora", rank=4, sinelora_frequency=3.0),
 }
 
 

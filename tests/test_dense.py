@@ -14,18 +14,20 @@ from tiny import layer_input, perturb, single_layer
 DENSE = {"hira": {}, "sinelora": {"sinelora_frequency": 3.0}, "loran": {"loran_amplitude": 0.5, "loran_frequency": 4.0}}
 
 
-def test_dense_linear_gradcheck_with_a_frozen_input_and_no_mask():
+@pytest.mark.parametrize("form", sorted(DENSE))
+@pytest.mark.parametrize("with_base", [False, True])
+def test_dense_linear_gradcheck_with_and_without_a_mask(form, with_base):
+    """Each form's hand-written ∂u/∂P through the shared function, the base folded in or not, against finite
+    differences (W frozen, as under an adapter)."""
+    _, _, layer = single_layer(form, in_features=5, out_features=4, rank=2, **DENSE[form])
+    f = layer.adapters["default"].form
     gen = torch.Generator().manual_seed(0)
-    x, W, B, A = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
-                  for s in ((2, 3, 5), (4, 5), (4, 2), (2, 5)))
-    W.requires_grad_(False)
-
-    def make(w, b, a, mask):
-        return w + torch.tanh(b @ a) if mask is None else w + torch.tanh((b * mask) @ a)
-
-    assert torch.autograd.gradcheck(lambda x, b, a: DenseLinear.apply(x, make, W, b, a, None), (x, B, A))
-    mask = torch.tensor([2.0, 0.0], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x, b, a: DenseLinear.apply(x, make, W, b, a, mask), (x, B, A))
+    x, B, A = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) * 0.5
+               for s in ((2, 3, 5), (4, 2), (2, 5)))
+    x, B, A = (t.detach().requires_grad_() for t in (x, B, A))
+    W = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    for mask in (None, torch.tensor([2.0, 0.0], dtype=torch.float64)):
+        assert torch.autograd.gradcheck(lambda x, B, A: DenseLinear.apply(x, f, W, B, A, mask, with_base), (x, B, A))
 
 
 def _linear_calls(monkeypatch):

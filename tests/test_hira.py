@@ -47,12 +47,17 @@ def test_gradients_match_dense_autograd():
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
 
 
-def test_hadamard_update_gradcheck_on_3d_inputs():
-    """x (W ⊙ BA)ᵀ through the shared dense function, W included, against finite differences."""
+@pytest.mark.parametrize("with_base", [False, True])
+def test_hadamard_update_gradcheck_on_3d_inputs(with_base):
+    """x (W ⊙ s·BA)ᵀ (and with W folded in) through the shared dense function and HiRA's hand-written
+    ∂/∂P and ∂/∂W, W included, against finite differences."""
+    model, handle, layer = single_layer("hira", in_features=5, out_features=4, rank=2, alpha=3)
+    form = layer.adapters["default"].form
     gen = torch.Generator().manual_seed(0)
     x, W, B, A = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
                   for s in ((2, 3, 5), (4, 5), (4, 2), (2, 5)))
-    assert torch.autograd.gradcheck(lambda *t: DenseLinear.apply(t[0], lambda w, b, a: w * (b @ a), *t[1:]),
+    mask = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, W, B, A: DenseLinear.apply(x, form, W, B, A, mask, with_base),
                                     (x, W, B, A))
 
 

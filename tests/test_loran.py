@@ -102,18 +102,16 @@ def test_gradient_reaches_every_trainable_tensor(init):
 
 
 def test_sinter_update_gradient():
-    """x (s·f(BA))ᵀ through the shared dense function (f' from autograd in its backward) against finite
-    differences, f written here: f(z) = z + a·z·sin(ωz)."""
+    """x (s·f(BA))ᵀ through the shared dense function with LoRAN's hand-written f'(P) = 1 + a·sin(ωP) +
+    a·ω·P·cos(ωP), against finite differences."""
+    model, handle, layer = single_layer("loran", in_features=4, out_features=5, rank=2, alpha=3,
+                                        loran_amplitude=0.7, loran_frequency=9.0)
+    form = layer.adapters["default"].form
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
     B = (torch.rand(5, 2, generator=g, dtype=torch.float64) - 0.5).requires_grad_()
     A = (torch.rand(2, 4, generator=g, dtype=torch.float64) - 0.5).requires_grad_()
-
-    def update(W, B, A):
-        P = B @ A
-        return 1.5 * (P + 0.7 * P * torch.sin(9.0 * P))
-
-    assert torch.autograd.gradcheck(lambda x, B, A: DenseLinear.apply(x, update, None, B, A), (x, B, A))
+    assert torch.autograd.gradcheck(lambda x, B, A: DenseLinear.apply(x, form, None, B, A, None, False), (x, B, A))
 
 
 def test_rank_dropout_masks_inside_the_product():

@@ -22,7 +22,7 @@ running adapter, the layer folds the base matmul in, x (W0 ⊙ (1 + s·BA))ᵀ a
 does (forms/dense.py): the layer's step is then 6·T·out·in instead of 10·T·out·in (base forward and
 input gradient, plus the update's three), against LoRA's 4·T·out·in. Measured (512 -> 1376, 512
 tokens, one thread, forward + backward beside LoRA in one run): 2.1x LoRA's time before the fold,
-1.0-1.6x after; `lorazoo bench --layers 2`: 1.63x -> 1.21x LoRA's step.
+1.0-1.6x after; `lorazoo bench --layers 2`: 1.63x -> 1.21-1.45x LoRA's step (a loaded machine).
 
 Memory. The shared dense autograd function keeps only x, B, A and a reference to W0 for backward and
 recomputes D there (2·r·out·in FLOPs more), so no (out, in) tensor lives from forward to backward:
@@ -59,9 +59,15 @@ class HiRA(DenseForm, LoRA):
     plain_product = False
     factors = Form.factors  # B·A multiplies W0 elementwise: no plain additive factors for inits
 
-    def dense_update(self, weight, B, A, mask):
-        """ΔW = W0 ⊙ (s·B diag(m) A) (Eq. 17)."""
-        return weight * ((self.rank_masked(B, mask) * self.scale) @ A)
+    def dense_update(self, weight, P):
+        """ΔW = s·W0 ⊙ P, P = B diag(m) A (Eq. 17)."""
+        return weight * P * self.scale
+
+    def dense_slope(self, weight, P):
+        return weight * self.scale
+
+    def dense_weight_slope(self, weight, P):
+        return P * self.scale
 
     # --- merge: W' = W ⊙ (1 + s·BA), unmerge W = W' / (1 + s·BA) -----------------------------
     def _gain(self, weight: torch.Tensor) -> torch.Tensor:

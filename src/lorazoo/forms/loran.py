@@ -25,8 +25,8 @@ Consequences, which differ from Aurora's between-the-factors nonlinearity:
   implementation. When LoRAN is the layer's only running adapter, the base matmul is folded in,
   x (W0 + ΔW)ᵀ (forms/dense.py), so the layer's step costs 3·tokens·in·out in all, against the frozen
   layer's own 2; merged, inference costs nothing extra. Memory: the shared dense autograd function
-  keeps only x, B and A for backward and recomputes ΔW (and f's derivative, through autograd)
-  there, so autograd holds no (out, in) tensor per layer between forward and backward.
+  keeps only x, B and A for backward and recomputes ΔW and f'(BA) there, so autograd holds no
+  (out, in) tensor per layer between forward and backward.
 - At the default a = 5e-5 the Sinter term is below the resolution of bf16/fp16 entries of B·A (about
   4e-3 and 5e-4 relative), so in half precision the update rounds to s·B·A (the authors' adapters are
   float32).
@@ -74,3 +74,8 @@ class LoRAN(EntrywiseNonlinear):
 
     def entrywise(self, P: torch.Tensor) -> torch.Tensor:
         return sinter(P, self.amplitude, self.frequency)
+
+    def entrywise_slope(self, P: torch.Tensor) -> torch.Tensor:
+        """f'(P) = 1 + a·sin(ωP) + a·ω·P·cos(ωP)."""
+        wP = P * self.frequency
+        return torch.addcmul(torch.sin(wP).mul_(self.amplitude).add_(1.0), wP, torch.cos(wP), value=self.amplitude)

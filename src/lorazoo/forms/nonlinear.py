@@ -75,9 +75,9 @@ class EntrywiseNonlinear(DenseForm, NonlinearLoRA):
     """ΔW = s·f(B diag(m) A) for an entrywise f with f(0) = 0 (Sine-LoRA, LoRAN).
 
     Mergeable: ΔW does not depend on x. Dense: f(BA) has no factored form, so the forward forms the
-    (out, in) update once per step (forms/dense.py: nothing of size (out, in) is kept for backward,
-    where autograd differentiates f). The DropLoRA rank mask acts inside the product, DropLoRA's
-    (B ⊙ M)(M ⊙ A). Subclasses define :meth:`entrywise` f.
+    (out, in) update once per step (forms/dense.py: nothing of size (out, in) is kept for backward).
+    The DropLoRA rank mask acts inside the product, DropLoRA's (B ⊙ M)(M ⊙ A). Subclasses define
+    :meth:`entrywise` f and :meth:`entrywise_slope` f'.
     """
 
     mergeable = True
@@ -86,5 +86,12 @@ class EntrywiseNonlinear(DenseForm, NonlinearLoRA):
     def entrywise(self, P: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def dense_update(self, weight, B, A, mask):
-        return self.entrywise(self.rank_masked(B, mask) @ A) * self.scale
+    def entrywise_slope(self, P: torch.Tensor) -> torch.Tensor:
+        """f'(P), entrywise."""
+        raise NotImplementedError
+
+    def dense_update(self, weight, P):
+        return self.entrywise(P) * self.scale
+
+    def dense_slope(self, weight, P):
+        return self.entrywise_slope(P) * self.scale

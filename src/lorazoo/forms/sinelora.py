@@ -73,3 +73,6 @@ class SineLoRA(EntrywiseNonlinear):
 
     def entrywise(self, P: torch.Tensor) -> torch.Tensor:
         return torch.sin(P * self.frequency) / self.gain
+
+    def entrywise_slope(self, P: torch.Tensor) -> torch.Tensor:
+        return torch.cos(P * self.frequency) * (self.frequency / self.gain)
