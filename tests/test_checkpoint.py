@@ -394,6 +394,20 @@ def test_resume_refuses_other_data_spec_or_base(killed_run):
         trainer(model, handle, None, 3)
 
 
+def test_resume_accepts_the_base_summed_in_another_order(killed_run):
+    """A base's fingerprint sums millions of weights: another thread count rounds the last digit apart
+    (seen on BERT's word embeddings); that is the same base and resumes."""
+    model, handle = make("lora")
+    for path, (shape, stats) in handle.fingerprint.items():
+        handle.fingerprint[path] = [shape, [v * (1 + 4e-16) for v in stats]]
+    trainer(model, handle, killed_run, 3).fit(epoch_batches, resume=True)
+    model, handle = make("lora")
+    shape, stats = handle.fingerprint["fc1"]
+    handle.fingerprint["fc1"] = [shape, [stats[0] * 1.01, *stats[1:]]]
+    with pytest.raises(LoadError, match="different base model.*differ at fc1"):
+        trainer(model, handle, killed_run, 3).fit(epoch_batches, resume=True)
+
+
 # --- non-finite values ---------------------------------------------------------------------------
 def test_nan_data_names_the_first_layer_and_keeps_the_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)

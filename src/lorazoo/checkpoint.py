@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import LoadError, LorazooError
 from .files import read_config, read_tensors
+from .fingerprint import mismatches
 from .version import __version__
 
 STATE_TENSORS = "trainer.safetensors"
@@ -138,9 +139,10 @@ def restore_adapter(handle, folder) -> None:
     if _json(config["spec"]) != _json(handle.spec.to_dict()):
         raise LoadError(f"the checkpoint in {folder} was made with another adapter spec; resume with the spec "
                         f"it was trained with")
-    if _json(config["fingerprint"]) != _json(json.loads(json.dumps(handle.fingerprint))):
-        raise LoadError(f"the checkpoint in {folder} was made for a different base model; resume on the model "
-                        f"it was trained on")
+    bad = mismatches(config["fingerprint"], handle.fingerprint)  # within rounding: sums depend on threads
+    if bad:
+        raise LoadError(f"the checkpoint in {folder} was made for a different base model (weights differ at "
+                        f"{', '.join(bad[:3])}); resume on the model it was trained on")
     if handle.merged:
         raise LorazooError(f"adapter {handle.name!r} is merged; unmerge() it before resuming training")
     own = handle.state_dict()
