@@ -126,6 +126,22 @@ def test_collapse_agreeing_with_the_paper_holds_and_the_reverse_does_not():
     assert v.verdict == F.FAILS and "1/8" in v.ours
 
 
+def test_collapse_and_gradient_flow_need_a_rate_near_5x_lora_best():
+    """On the 1-5 grid with LoRA's best at 5e-4 the neighbours are 2x and 10x: the paper's 5x is not there."""
+    lora = {1e-5: 0.50, 1e-4: 0.55, 5e-4: 0.80, 1e-3: 0.75, 5e-3: 0.52}
+    fast = {1e-5: 0.50, 1e-4: 0.75, 5e-4: 0.78, 1e-3: 0.52, 5e-3: 0.50}
+    curves = {"lora": lora, **{v: fast for v in ["eva", "pissa", "loraplus"]}, "hira": lora, "dora": lora}
+    v = verdict("collapse", grid_rows(curves))
+    assert v.verdict == F.UNTESTABLE and "0.001 = 2x, 0.005 = 10x" in v.reason
+    assert "at 0.001 collapsed eva, loraplus, pissa" in v.reason and "at 0.005 collapsed dora, eva, hira" in v.reason
+    late = {1e-5: 0.50, 1e-4: 0.50, 5e-4: 0.50, 1e-3: 0.52, 5e-3: 0.80}  # not learning yet below its best rate
+    v = verdict("collapse", grid_rows({**curves, "adalora": late}))
+    assert "adalora" not in v.reason
+    v = verdict("gradient_flow", grid_rows(curves))
+    assert v.verdict == F.UNTESTABLE and "near 5x" in v.reason and "at 0.001: eva -0.230" in v.reason
+    assert verdict("collapse", grid_rows({k: {**c, 2.5e-3: c[5e-3]} for k, c in curves.items()})).verdict != F.UNTESTABLE
+
+
 def test_structured_forms_peaking_10x_above_lora_hold():
     lora = {1e-5: 0.6, 1e-4: 0.80, 1e-3: 0.60}
     trials = grid_rows({"lora": lora, "hira": {1e-5: 0.5, 1e-4: 0.60, 1e-3: 0.80},

@@ -167,6 +167,23 @@ def _not_learned(ts: list[dict], name: str = "LoRA") -> str | None:
     return f"{name} did not learn ({before:.3f} before, {m:.3f} after): nothing to compare"
 
 
+def _rate_near(lrs: list[float], target: float) -> float | None:
+    """The grid rate within a factor 1.5 of ``target`` (nearest on a log scale), or None."""
+    near = [lr for lr in lrs if target / 1.5 <= lr <= target * 1.5]
+    return min(near, key=lambda lr: abs(math.log(lr / target))) if near else None
+
+
+def _no_rate_near(lrs: list[float], lstar: float, factor: float) -> tuple[str, list[float]]:
+    """Why no grid rate is near ``factor`` x LoRA's best, and the grid's rates above LoRA's best on either
+    side of it."""
+    below = [lr for lr in lrs if lstar < lr < lstar * factor]
+    above = [lr for lr in lrs if lr > lstar * factor]
+    side = ([max(below)] if below else []) + ([min(above)] if above else [])
+    return (f"LoRA's best rate {lstar:g} has no grid rate near {factor:g}x above it (within 1.5x; the nearest: "
+            f"{', '.join(f'{lr:g} = {lr / lstar:g}x' for lr in side) or 'none'}), where the paper's claim is (its "
+            f"grid's next rate above LoRA's best)", side)
+
+
 def check_gradient_flow(trials: list[dict]) -> Verdict:
     per_task = {}
     for task, grid in main_grid(trials).items():
@@ -177,12 +194,15 @@ def check_gradient_flow(trials: list[dict]) -> Verdict:
         lrs = _lrs(grid)
         lstar, _ = _lora_best(grid)
         low = [lr for lr in lrs if lr <= lstar / 5 + 1e-15]
-        high = [lr for lr in lrs if lr >= 5 * lstar - 1e-15]
-        if not low or not high:
-            per_task[task] = (UNTESTABLE, f"LoRA's best rate {lstar:g} has no grid rate 5x "
-                                          f"{'below' if not low else 'above'} it")
+        hi = _rate_near(lrs, 5 * lstar)
+        if not low:
+            per_task[task] = (UNTESTABLE, f"LoRA's best rate {lstar:g} has no grid rate 5x below it")
             continue
-        lo, hi = max(low), min(high)
+        if hi is None:
+            why, side = _no_rate_near(lrs, lstar, 5)
+            per_task[task] = (UNTESTABLE, why + "".join(f"; at {lr:g}: {_leads(grid, group, lr)}" for lr in side))
+            continue
+        lo = max(low)
         cells = [grid[v].get(lr, []) for v in group + ["lora"] for lr in (lo, hi)]
         if any(not c for c in cells):
             per_task[task] = (UNTESTABLE, f"missing cells at {lo:g} or {hi:g}")
@@ -190,21 +210,27 @@ def check_gradient_flow(trials: list[dict]) -> Verdict:
         if _few_seeds(cells):
             per_task[task] = (UNTESTABLE, _seed_reason(min(len(c) for c in cells)))
             continue
-        win, lost, parts = [], [], []
-        for v in group:
-            d_lo, se_lo = diff(stats(grid[v][lo]), stats(grid["lora"][lo]))
-            d_hi, se_hi = diff(stats(grid[v][hi]), stats(grid["lora"][hi]))
-            if d_lo > Z * se_lo:
-                win.append(v)
-            if d_hi <= Z * se_hi:
-                lost.append(v)
-            parts.append(f"{v} {d_lo:+.3f}/{d_hi:+.3f}")
+        win = [v for v in group if _ahead(grid, v, lo)]
+        lost = [v for v in group if not _ahead(grid, v, hi)]
         ok = len(win) * 2 > len(group) and len(lost) * 2 > len(group)
-        text = (f"vs LoRA at {lo:g} / {hi:g} (LoRA's best {lstar:g}): " + ", ".join(parts)
-                + f"; {len(win)}/{len(group)} ahead at the low rate, {len(lost)}/{len(group)} not ahead "
-                f"at the high one")
+        text = (f"vs LoRA at {lo:g} / {hi:g} (LoRA's best {lstar:g}): low {_leads(grid, group, lo)}; high "
+                f"{_leads(grid, group, hi)}; {len(win)}/{len(group)} ahead at the low rate, {len(lost)}/{len(group)} "
+                f"not ahead at the high one")
         per_task[task] = (HOLDS if ok else FAILS, text)
     return _combine(per_task, "most of the group beat LoRA at a low rate and lose the lead 5x above LoRA's best")
+
+
+def _ahead(grid: dict, v: str, lr: float) -> bool:
+    d, se = diff(stats(grid[v][lr]), stats(grid["lora"][lr]))
+    return d > Z * se
+
+
+def _leads(grid: dict, group: list[str], lr: float) -> str:
+    """Each variant's lead over LoRA at ``lr`` (where both ran)."""
+    if lr not in grid["lora"]:
+        return "no LoRA cell"
+    return ", ".join(f"{v} {diff(stats(grid[v][lr]), stats(grid['lora'][lr]))[0]:+.3f}"
+                     for v in group if lr in grid[v]) or "no cells"
 
 
 def check_tuned_lora(trials: list[dict]) -> Verdict:
@@ -251,25 +277,20 @@ def check_collapse(trials: list[dict]) -> Verdict:
             per_task[task] = (NOT_RUN, "no LoRA or fewer than 3 variants")
             continue
         lstar, _ = _lora_best(grid)
-        high = [lr for lr in _lrs(grid) if lr >= 5 * lstar - 1e-15]
-        if not high:
-            per_task[task] = (UNTESTABLE, f"no grid rate 5x above LoRA's best {lstar:g}")
+        floor = sorted(t["metric_before"] for by_lr in grid.values() for ts in by_lr.values() for t in ts
+                       if t.get("metric_before") is not None)
+        floor = floor[len(floor) // 2] if floor else 0.0
+        hi = _rate_near(_lrs(grid), 5 * lstar)
+        if hi is None:
+            why, side = _no_rate_near(_lrs(grid), lstar, 5)
+            per_task[task] = (UNTESTABLE, why + "".join(
+                f"; at {lr:g} collapsed {', '.join(sorted(_collapsed_at(grid, lr, floor)[0])) or 'none'}" for lr in side))
             continue
-        hi = min(high)
         shared = [v for v in grid if v in PAPER_GLUE and hi in grid[v]]
         if _few_seeds(grid[v][hi] for v in shared):
             per_task[task] = (UNTESTABLE, _seed_reason(min((len(grid[v][hi]) for v in shared), default=0)))
             continue
-        floor = sorted(t["metric_before"] for by_lr in grid.values() for ts in by_lr.values() for t in ts
-                       if t.get("metric_before") is not None)
-        floor = floor[len(floor) // 2] if floor else 0.0
-        ours, never = set(), []
-        for v in shared:
-            c = _collapsed(stats(grid[v][hi])[0], best(grid[v])[1][0], floor)
-            if c is None:
-                never.append(v)
-            elif c:
-                ours.add(v)
+        ours, never = _collapsed_at(grid, hi, floor)
         judged = [v for v in shared if v not in never]
         if len(judged) < 5:
             per_task[task] = (UNTESTABLE, f"only {len(judged)} variants that learned at all (need 5)")
@@ -282,6 +303,21 @@ def check_collapse(trials: list[dict]) -> Verdict:
                 + (f"; never learned: {', '.join(never)}" if never else ""))
         per_task[task] = (HOLDS if len(agree) >= 0.75 * len(judged) else FAILS, text)
     return _combine(per_task, "the variants collapsing 5x above LoRA's best rate match the paper's (75%+ agree)")
+
+
+def _collapsed_at(grid: dict, lr: float, floor: float) -> tuple[set[str], list[str]]:
+    """(the study's variants that lost over half their gain over ``floor`` at ``lr``, above their best
+    rate (below it a variant has not started learning: that is no collapse), those that never gained)."""
+    ours, never = set(), []
+    for v in grid:
+        if v in PAPER_GLUE and lr in grid[v]:
+            peak_lr, (peak, *_) = best(grid[v])
+            c = _collapsed(stats(grid[v][lr])[0], peak, floor)
+            if c is None:
+                never.append(v)
+            elif c and peak_lr < lr:
+                ours.add(v)
+    return ours, never
 
 
 def check_structured_rate(trials: list[dict]) -> Verdict:
