@@ -167,6 +167,19 @@ def test_local_runner_records_trials_and_skips_finished_ones(tmp_path):
         assert sorted(r["attempts"] for r in rows) == [1, 2]
 
 
+def test_trials_run_in_the_grids_order_when_a_sweep_is_added(tmp_path, monkeypatch):
+    """A suite that gains a sweep before another keeps it there: the runner follows the grid's order,
+    not the order in which the store first saw the trials."""
+    db, log = tmp_path / "s.sqlite", tmp_path / "calls.jsonl"
+    monkeypatch.setenv("STUDY_FAKE_LOG", str(log))
+    later = config(lr=[1e-2])
+    with Store(db) as s:  # stored by an earlier run that was stopped before it began
+        s.save_study("t", later)
+        s.add_trials("t", expand(later))
+    run_study(db, config(lr=[1e-4, 1e-3, 1e-2]), workers=1, log=quiet)
+    assert [json.loads(line)["lr"] for line in log.read_text().splitlines()] == [1e-4, 1e-3, 1e-2]
+
+
 def _wait_for(db, predicate, timeout=60):
     t0 = time.time()
     while time.time() - t0 < timeout:

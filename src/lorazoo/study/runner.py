@@ -137,7 +137,8 @@ def run_study(db: str | os.PathLike, config: dict, *, workers: int = 1, backend:
             wanted = {trial_id(c) for c in trials}
             skip = {"done"} if retry_failed else {"done", "failed"}
             rows = store.trials(name)
-            todo = [t for t in rows if t["id"] in wanted and t["status"] not in skip]
+            order = {trial_id(c): i for i, c in enumerate(trials)}  # the grid's order, also for added sweeps
+            todo = sorted((t for t in rows if t["id"] in wanted and t["status"] not in skip), key=lambda t: order[t["id"]])
             for t in todo:
                 keep = bool(t["config"].get("keep_adapter"))
                 if checkpoint_every or keep:

@@ -172,9 +172,9 @@ SUITES.update({
             {"grid": {"task": ["sentiment"], "variant": STUDY_20, "lr": LRS_STUDY, "seed": SEEDS3},
              "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000,
                        "warmup": 0.03}},
+            PAPER_5X_SWEEP,
             PAPER_IC_SWEEP,
             PAPER_NLG_SWEEP,
-            PAPER_5X_SWEEP,
         ],
     },
     # DropLoRA (its Fig. 2 sweep: rank 32, alpha 64, pruning rate 0.1-0.5) against LoRA without and with
