@@ -138,7 +138,7 @@ def test_saved_for_backward_counts_activations_not_parameters():
     import torch
     from torch import nn
 
-    from lorazoo.study.bench_mem import MB, saved_for_backward_mb
+    from lorazoo.memory import MB, saved_for_backward_mb
 
     lin = nn.Linear(16, 32).double()  # its backward keeps the input x and its own weight
     x = torch.randn(10, 16, dtype=torch.float64)

@@ -154,10 +154,20 @@ def test_structured_forms_peaking_10x_above_lora_hold():
     assert verdict("structured_rate", short).verdict == F.UNTESTABLE  # no rate 10x above LoRA's best
 
 
-def test_dora_memory_is_reported_but_not_testable_from_process_memory():
-    trials = grid_rows({"lora": {1e-4: 0.8}}, peak=1000.0) + grid_rows({"dora": {1e-4: 0.8}}, peak=1100.0)
-    v = verdict("dora_memory", trials)
-    assert v.verdict == F.UNTESTABLE and "+10%" in v.ours
+def test_dora_memory_compares_what_a_step_keeps_for_backward():
+    def rows(saved):
+        out = []
+        for v, mb in saved.items():
+            for t in grid_rows({v: {1e-4: 0.8}}, peak=1000.0):
+                out.append({**t, "result": {"saved_mb": mb}})
+        return out
+    v = verdict("dora_memory", rows({"lora": 10.0, "dora": 17.5, "hira": 12.0}))
+    assert v.verdict == F.HOLDS and "+75%" in v.ours and "DoRA 1 of 3" in v.ours
+    v = verdict("dora_memory", rows({"lora": 10.0, "dora": 12.0, "hira": 15.0, "denselora": 14.0}))
+    assert v.verdict == F.FAILS and "DoRA 3 of 4" in v.ours and "hira 15.0, denselora 14.0" in v.ours
+    old = grid_rows({"lora": {1e-4: 0.8}}, peak=1000.0) + grid_rows({"dora": {1e-4: 0.8}}, peak=1100.0)
+    v = verdict("dora_memory", old)  # rows from before saved_mb was recorded: peak RSS is no measure
+    assert v.verdict == F.UNTESTABLE and "1100 MB" in v.reason
     assert verdict("dora_memory", grid_rows({"lora": {1e-4: 0.8}})).verdict == F.NOT_RUN
 
 

@@ -153,6 +153,20 @@ def test_training_lowers_loss_and_trains_only_the_adapter():
             assert torch.equal(p, base[n]), n
 
 
+def test_fit_reports_what_the_first_step_keeps_for_backward():
+    from lorazoo.memory import saved_for_backward_mb
+
+    kept = {}
+    for form in ("lora", "dora"):
+        model, handle = adapted(form)
+        data = batches()
+        twin, _ = adapted(form)
+        by_hand = saved_for_backward_mb(twin, lambda: twin(**data[0]).loss.backward())
+        kept[form] = Trainer(model, handle, lr=0.01, progress=False).fit(data)["saved_mb"]
+        assert kept[form] == pytest.approx(by_hand) and by_hand > 0
+    assert kept["dora"] > kept["lora"]  # DoRA also keeps the column norms' inputs
+
+
 def test_progress_bar_can_be_off(capsys):
     model, handle = adapted()
     Trainer(model, handle, lr=0.01, progress=False).fit(batches())

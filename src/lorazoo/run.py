@@ -137,6 +137,7 @@ def run(task: str, spec: AdapterSpec, *, lr: float, epochs: float = 1, batch_siz
         "train_seconds": round(hist["train_seconds"], 3),
         "trainable_params": handle.num_trainable(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "saved_mb": None if hist["saved_mb"] is None else round(hist["saved_mb"], 3),  # activations of a step
         "torch_threads": torch.get_num_threads(),
         "lorazoo_version": __version__,
         "python": platform.python_version(),

@@ -46,6 +46,7 @@ from . import checkpoint as ckpt
 from . import launch
 from .errors import LoadError, LorazooError
 from .handle import AdapterHandle
+from .memory import count_saved
 from .parts import check_number
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -161,6 +162,7 @@ class Trainer:
         self.lrs: list[float] = []          # the first group's learning rate per step
         self.metrics_per_epoch: list[dict] = []
         self.train_seconds = 0.0
+        self.saved_mb: float | None = None  # MiB the first step kept for backward (lorazoo.memory)
 
     # --- planning -----------------------------------------------------------------------------
     def plan(self, batches_per_epoch: int) -> list[tuple[int, int]]:
@@ -186,8 +188,9 @@ class Trainer:
 
         ``resume``: True continues from the newest checkpoint in ``checkpoint_dir`` (from the start
         when there is none yet); a folder continues from that checkpoint (or the newest one in it).
-        Returns ``{"losses", "lrs", "metrics_per_epoch", "train_seconds", "steps"}``; evaluation
-        time is not counted in ``train_seconds``.
+        Returns ``{"losses", "lrs", "metrics_per_epoch", "train_seconds", "steps", "saved_mb"}``;
+        evaluation time is not counted in ``train_seconds``; ``saved_mb`` is what the first step run
+        kept for backward (:func:`lorazoo.memory.count_saved`; None when no step ran).
         """
         get = batches if callable(batches) else (lambda epoch: batches)
         first = list(get(0))
@@ -219,7 +222,12 @@ class Trainer:
                 for start in range(start0, n, self.accumulation):
                     group = epoch_batches[start:min(n, start + self.accumulation)]
                     t0 = time.perf_counter()
-                    loss = self._step(group, total, warm)
+                    if self.saved_mb is None:  # the first step: what it keeps for backward (lorazoo.memory)
+                        with count_saved(self.model) as saved:
+                            loss = self._step(group, total, warm)
+                        self.saved_mb = saved.mb
+                    else:
+                        loss = self._step(group, total, warm)
                     self.train_seconds += time.perf_counter() - t0
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
@@ -240,7 +248,7 @@ class Trainer:
             bar.close()
             self.model.eval()
         return {"losses": self.losses, "lrs": self.lrs, "metrics_per_epoch": self.metrics_per_epoch,
-                "train_seconds": self.train_seconds, "steps": self.step}
+                "train_seconds": self.train_seconds, "steps": self.step, "saved_mb": self.saved_mb}
 
     def _step(self, group: list[dict], total: int, warm: int) -> float:
         handle, opt = self.handle, self.optimizer

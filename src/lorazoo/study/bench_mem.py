@@ -4,22 +4,20 @@ Run as ``python -m lorazoo.study.bench_mem '<job json>'`` (``bench.measure_memor
 child builds the base model, resets the kernel's peak-RSS mark, reads VmRSS, builds the method,
 takes a few training steps, reads VmHWM, and prints one JSON line. The overhead is VmHWM minus
 that VmRSS, so it counts the adapter, its optimizer state, and the activations autograd keeps.
-It also counts, exactly, the bytes autograd saves for backward during the first step (model
-parameters and buffers left out): unlike peak RSS, this does not move with the allocator's caching.
+It also counts, exactly, the bytes autograd saves for backward during the first step
+(:mod:`lorazoo.memory`): unlike peak RSS, this does not move with the allocator's caching.
 """
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import sys
 
 import torch
 
+from ..memory import MB, saved_for_backward_mb
 from .bench_build import build_runner
 from .bench_runner import BenchConfig, Method, build_base, make_batch
-
-MB = 1024 * 1024
 
 
 def proc_status(field: str) -> int:
@@ -39,23 +37,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def saved_for_backward_mb(model: torch.nn.Module, step) -> float:
-    """Run ``step()`` and return the MB of distinct storages autograd saved, the model's own
-    parameters and buffers (the frozen weights a linear keeps for its input gradient) left out."""
-    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(saved.values()) / MB
 
 
 def measure(cfg: BenchConfig, method: Method) -> dict:

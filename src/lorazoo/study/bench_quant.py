@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import LorazooError
-from .bench_mem import MB, proc_status, reset_peak, saved_for_backward_mb
+from ..memory import MB, saved_for_backward_mb
+from .bench_mem import proc_status, reset_peak
 from .bench_runner import BenchConfig, Method, build_base, lorazoo_runner, make_batch, timed
 
 PRECISIONS: dict[str, dict] = {

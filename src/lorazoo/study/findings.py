@@ -352,19 +352,28 @@ def check_structured_rate(trials: list[dict]) -> Verdict:
 
 
 def check_dora_memory(trials: list[dict]) -> Verdict:
-    parts = []
+    """DoRA against every variant by the activations a training step keeps for backward (``saved_mb``,
+    lorazoo.memory: exact, the same on any device), not by a trial's peak RSS (the whole process)."""
+    per_task = {}
     for task, grid in main_grid(trials).items():
-        if "dora" in grid and "lora" in grid:
+        if "dora" not in grid or "lora" not in grid:
+            per_task[task] = (NOT_RUN, "no DoRA and LoRA trials on the same task")
+            continue
+        saved = {v: _mean([(t.get("result") or {}).get("saved_mb") for ts in by_lr.values() for t in ts])
+                 for v, by_lr in grid.items()}
+        saved = {v: m for v, m in saved.items() if math.isfinite(m) and m > 0}
+        if not {"dora", "lora"} <= set(saved):
             peak = {v: _mean([t.get("peak_rss_mb") for ts in grid[v].values() for t in ts]) for v in ("dora", "lora")}
-            if all(math.isfinite(p) and p > 0 for p in peak.values()):
-                parts.append(f"{task}: DoRA {peak['dora']:.0f} MB vs LoRA {peak['lora']:.0f} MB peak RSS "
-                             f"({peak['dora'] / peak['lora'] - 1:+.0%})")
-    if not parts:
-        return Verdict(NOT_RUN, "", "no DoRA and LoRA trials on the same task")
-    return Verdict(UNTESTABLE, "; ".join(parts),
-                   "a trial's peak RSS is the whole CPU process (base model, libraries, data), while the study's "
-                   "+75% is GPU memory of DoRA's materialized B·A at sequence length 1024 on an 8B model; "
-                   "measure it with `lorazoo bench` (its memory column) instead")
+            per_task[task] = (UNTESTABLE, f"its trials predate the saved-for-backward count (peak RSS of the whole "
+                                          f"process: DoRA {peak['dora']:.0f} MB, LoRA {peak['lora']:.0f} MB)")
+            continue
+        ranked = sorted(saved, key=saved.get, reverse=True)
+        above = ranked[:ranked.index("dora")]
+        text = (f"kept for backward per step: DoRA {saved['dora']:.1f} MB vs LoRA {saved['lora']:.1f} MB "
+                f"({saved['dora'] / saved['lora'] - 1:+.0%}); DoRA {len(above) + 1} of {len(saved)} variants"
+                + (f" (above it: {', '.join(f'{v} {saved[v]:.1f}' for v in above)})" if above else ""))
+        per_task[task] = (HOLDS if not above and len(saved) >= 3 else FAILS if above else UNTESTABLE, text)
+    return _combine(per_task, "DoRA keeps the most for backward of the variants")
 
 
 # --- the seeds' claims ---------------------------------------------------------------------------
