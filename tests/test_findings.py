@@ -163,6 +163,9 @@ def test_dora_memory_compares_what_a_step_keeps_for_backward():
         return out
     v = verdict("dora_memory", rows({"lora": 10.0, "dora": 17.5, "hira": 12.0}))
     assert v.verdict == F.HOLDS and "+75%" in v.ours and "DoRA 1 of 3" in v.ours
+    # a seed's first batch sets the padded length: seeds a variant lacks are left out of every mean
+    long = [{**t, "result": {"saved_mb": 30.0}} for t in grid_rows({"hira": {1e-4: 0.8}}, seeds=(3,))]
+    assert "hira 12.0" in verdict("dora_memory", rows({"lora": 10.0, "dora": 11.0, "hira": 12.0}) + long).ours
     v = verdict("dora_memory", rows({"lora": 10.0, "dora": 12.0, "hira": 15.0, "denselora": 14.0}))
     assert v.verdict == F.FAILS and "DoRA 3 of 4" in v.ours and "hira 15.0, denselora 14.0" in v.ours
     old = grid_rows({"lora": {1e-4: 0.8}}, peak=1000.0) + grid_rows({"dora": {1e-4: 0.8}}, peak=1100.0)

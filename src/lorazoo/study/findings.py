@@ -359,9 +359,14 @@ def check_dora_memory(trials: list[dict]) -> Verdict:
         if "dora" not in grid or "lora" not in grid:
             per_task[task] = (NOT_RUN, "no DoRA and LoRA trials on the same task")
             continue
-        saved = {v: _mean([(t.get("result") or {}).get("saved_mb") for ts in by_lr.values() for t in ts])
-                 for v, by_lr in grid.items()}
-        saved = {v: m for v, m in saved.items() if math.isfinite(m) and m > 0}
+        by_seed = defaultdict(lambda: defaultdict(list))  # a seed's first batch sets the padded length
+        for v, by_lr in grid.items():
+            for t in (t for ts in by_lr.values() for t in ts):
+                mb = (t.get("result") or {}).get("saved_mb")
+                if mb is not None and math.isfinite(mb) and mb > 0:
+                    by_seed[v][t["config"]["seed"]].append(mb)
+        seeds = set.intersection(*(set(d) for d in by_seed.values())) if by_seed else set()
+        saved = {v: _mean([_mean(d[s]) for s in seeds]) for v, d in by_seed.items()} if seeds else {}
         if not {"dora", "lora"} <= set(saved):
             peak = {v: _mean([t.get("peak_rss_mb") for ts in grid[v].values() for t in ts]) for v in ("dora", "lora")}
             per_task[task] = (UNTESTABLE, f"its trials predate the saved-for-backward count (peak RSS of the whole "
