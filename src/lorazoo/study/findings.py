@@ -280,9 +280,10 @@ def check_collapse(trials: list[dict]) -> Verdict:
         floor = sorted(t["metric_before"] for by_lr in grid.values() for ts in by_lr.values() for t in ts
                        if t.get("metric_before") is not None)
         floor = floor[len(floor) // 2] if floor else 0.0
-        hi = _rate_near(_lrs(grid), 5 * lstar)
+        lrs = _lrs(grid)
+        hi = _rate_near(lrs, 5 * lstar)
         if hi is None:
-            why, side = _no_rate_near(_lrs(grid), lstar, 5)
+            why, side = _no_rate_near(lrs, lstar, 5)
             per_task[task] = (UNTESTABLE, why + "".join(
                 f"; at {lr:g} collapsed {', '.join(sorted(_collapsed_at(grid, lr, floor)[0])) or 'none'}" for lr in side))
             continue

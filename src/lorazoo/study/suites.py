@@ -157,9 +157,9 @@ PAPER_NLG_SWEEP = {"grid": {"task": ["nlg_sentiment"], "variant": ["lora", "dora
 # LoRA's 1e-4). On sentiment LoRA peaks at 5e-4 (this suite, 3 seeds: 0.763; 1e-3 0.708), whose neighbours on
 # that grid are 2x and 10x, so the suite adds 2.5e-3 for all 20 (findings.check_collapse needs a rate within
 # 1.5x of 5x): 60 trials x ~150 s (measured mean of the first 136) = 1.25 h on 2 workers.
+PAPER_NLU_FIXED = {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000, "warmup": 0.03}
 PAPER_5X_SWEEP = {"grid": {"task": ["sentiment"], "variant": STUDY_20, "lr": [2.5e-3], "seed": SEEDS3},
-                  "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000,
-                            "warmup": 0.03}}
+                  "fixed": PAPER_NLU_FIXED}
 SUITES.update({
     "paper": {
         "description": "The unified study's evaluation (findings.py gives its verdicts in `lorazoo report`): its "
@@ -170,8 +170,7 @@ SUITES.update({
                        "--workers 2 (arithmetic in suites.py).",
         "sweeps": [
             {"grid": {"task": ["sentiment"], "variant": STUDY_20, "lr": LRS_STUDY, "seed": SEEDS3},
-             "fixed": {"epochs": 1, "limit": 2000, "batch_size": 8, "max_length": 48, "test_size": 2000,
-                       "warmup": 0.03}},
+             "fixed": PAPER_NLU_FIXED},
             PAPER_5X_SWEEP,
             PAPER_IC_SWEEP,
             PAPER_NLG_SWEEP,
