@@ -92,6 +92,7 @@ def main(argv=None) -> dict:
     if trainer.is_world_process_zero():
         result["metrics"] = task.evaluate(trainer.model)
         print(json.dumps(result))
+    trainer.accelerator.end_training()  # destroys the process group: a launched gloo process exiting without it can abort
     return result
 
 
